@@ -1,0 +1,729 @@
+//! The local mesh file: YAML describing nodes, namespaces, workloads,
+//! services and Istio policies, used when no Kubernetes API server is
+//! configured. Loading validates everything and names the file, the field and
+//! the reason for the first problem found, so an operator can fix it without
+//! guessing; a model is only ever built from a file that passed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::policy::{AuthorizationAction, AuthorizationPolicy, PeerAuthentication, Rule};
+use super::{MeshModel, Namespace, Node, Service, Workload};
+
+/// Why a mesh file (or another model source) was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{source_name}: {field}: {reason}")]
+pub struct ModelError {
+    /// The file (or other source) the model came from.
+    pub source_name: String,
+    /// Path of the offending field, e.g. `workloads[2].ips[0]`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// The file format. Field names are camelCase like Kubernetes objects.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshFile {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Policies in this namespace apply mesh-wide (Istio's root namespace).
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_string()
+}
+
+fn default_root_namespace() -> String {
+    "istio-system".to_string()
+}
+
+impl MeshModel {
+    /// Read and validate a mesh file.
+    pub fn load(path: &Path) -> Result<MeshModel, ModelError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError {
+            source_name: name.clone(),
+            field: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::from_yaml(&text, &name)
+    }
+
+    /// Parse and validate mesh YAML; `source_name` names it in errors.
+    pub fn from_yaml(text: &str, source_name: &str) -> Result<MeshModel, ModelError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let file: MeshFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner
+                .location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                .unwrap_or_default();
+            ModelError {
+                source_name: source_name.to_string(),
+                field: if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                reason: format!("{inner}{at}"),
+            }
+        })?;
+        Self::from_file(file, source_name)
+    }
+
+    /// Validate an already-deserialized file and build the indices.
+    pub fn from_file(f: MeshFile, source_name: &str) -> Result<MeshModel, ModelError> {
+        let err = |field: String, reason: String| ModelError {
+            source_name: source_name.to_string(),
+            field,
+            reason,
+        };
+        check_dns_label(&f.trust_domain, true).map_err(|r| err("trustDomain".into(), r))?;
+        check_dns_label(&f.root_namespace, false).map_err(|r| err("rootNamespace".into(), r))?;
+
+        let mut node_names = HashSet::new();
+        for (i, n) in f.nodes.iter().enumerate() {
+            check_dns_label(&n.name, true).map_err(|r| err(format!("nodes[{i}].name"), r))?;
+            if !node_names.insert(n.name.as_str()) {
+                return Err(err(
+                    format!("nodes[{i}].name"),
+                    format!("duplicate node {:?}", n.name),
+                ));
+            }
+        }
+        let mut ns_names = HashSet::new();
+        for (i, n) in f.namespaces.iter().enumerate() {
+            check_dns_label(&n.name, false).map_err(|r| err(format!("namespaces[{i}].name"), r))?;
+            if !ns_names.insert(n.name.as_str()) {
+                return Err(err(
+                    format!("namespaces[{i}].name"),
+                    format!("duplicate namespace {:?}", n.name),
+                ));
+            }
+        }
+
+        let mut by_ip: HashMap<IpAddr, usize> = HashMap::new();
+        let mut wl_names = HashSet::new();
+        for (i, w) in f.workloads.iter().enumerate() {
+            let at = |field: &str| format!("workloads[{i}].{field}");
+            check_dns_label(&w.name, true).map_err(|r| err(at("name"), r))?;
+            check_dns_label(&w.namespace, false).map_err(|r| err(at("namespace"), r))?;
+            check_dns_label(&w.service_account, true).map_err(|r| err(at("serviceAccount"), r))?;
+            if !wl_names.insert((w.namespace.as_str(), w.name.as_str())) {
+                return Err(err(
+                    at("name"),
+                    format!("duplicate workload {}/{}", w.namespace, w.name),
+                ));
+            }
+            if !node_names.contains(w.node.as_str()) {
+                return Err(err(
+                    at("node"),
+                    format!("unknown node {:?} (not in nodes)", w.node),
+                ));
+            }
+            if w.ips.is_empty() {
+                return Err(err(at("ips"), "a workload needs at least one IP".into()));
+            }
+            for (j, ip) in w.ips.iter().enumerate() {
+                check_unicast(*ip).map_err(|r| err(at(&format!("ips[{j}]")), r))?;
+                if let Some(other) = by_ip.insert(*ip, i) {
+                    let o = &f.workloads[other];
+                    return Err(err(
+                        at(&format!("ips[{j}]")),
+                        format!(
+                            "duplicate IP {ip}: already used by workload {}/{}",
+                            o.namespace, o.name
+                        ),
+                    ));
+                }
+            }
+        }
+
+        let mut by_vip: HashMap<SocketAddr, (usize, usize)> = HashMap::new();
+        let mut endpoints = Vec::with_capacity(f.services.len());
+        let mut svc_names = HashSet::new();
+        for (i, s) in f.services.iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].{field}");
+            check_dns_label(&s.name, false).map_err(|r| err(at("name"), r))?;
+            check_dns_label(&s.namespace, false).map_err(|r| err(at("namespace"), r))?;
+            if !svc_names.insert((s.namespace.as_str(), s.name.as_str())) {
+                return Err(err(
+                    at("name"),
+                    format!("duplicate service {}/{}", s.namespace, s.name),
+                ));
+            }
+            if s.ports.is_empty() {
+                return Err(err(at("ports"), "a service needs at least one port".into()));
+            }
+            let mut seen_ports = HashSet::new();
+            for (j, p) in s.ports.iter().enumerate() {
+                if p.port == 0 {
+                    return Err(err(
+                        at(&format!("ports[{j}].port")),
+                        "port 0 is not a valid port".into(),
+                    ));
+                }
+                if p.target_port == Some(0) {
+                    return Err(err(
+                        at(&format!("ports[{j}].targetPort")),
+                        "port 0 is not a valid port".into(),
+                    ));
+                }
+                if !p.protocol.eq_ignore_ascii_case("TCP") {
+                    return Err(err(
+                        at(&format!("ports[{j}].protocol")),
+                        format!(
+                            "unsupported protocol {:?} (only TCP is proxied)",
+                            p.protocol
+                        ),
+                    ));
+                }
+                if !seen_ports.insert(p.port) {
+                    return Err(err(
+                        at(&format!("ports[{j}].port")),
+                        format!("duplicate port {}", p.port),
+                    ));
+                }
+            }
+            for (j, vip) in s.vips.iter().enumerate() {
+                check_unicast(*vip).map_err(|r| err(at(&format!("vips[{j}]")), r))?;
+                if let Some(&w) = by_ip.get(vip) {
+                    let o = &f.workloads[w];
+                    return Err(err(
+                        at(&format!("vips[{j}]")),
+                        format!(
+                            "duplicate IP {vip}: already used by workload {}/{}",
+                            o.namespace, o.name
+                        ),
+                    ));
+                }
+                for (k, p) in s.ports.iter().enumerate() {
+                    if let Some((other, _)) = by_vip.insert(SocketAddr::new(*vip, p.port), (i, k)) {
+                        let o = &f.services[other];
+                        return Err(err(
+                            at(&format!("vips[{j}]")),
+                            format!(
+                                "duplicate VIP {vip}: already used by service {}/{}",
+                                o.namespace, o.name
+                            ),
+                        ));
+                    }
+                }
+            }
+            if s.selector.is_empty() {
+                return Err(err(
+                    at("selector"),
+                    "an empty selector would select every pod; name labels".into(),
+                ));
+            }
+            endpoints.push(
+                f.workloads
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| {
+                        w.namespace == s.namespace
+                            && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>(),
+            );
+        }
+
+        let mut pol_names = HashSet::new();
+        for (i, p) in f.authorization_policies.iter().enumerate() {
+            let at = |field: &str| format!("authorizationPolicies[{i}].{field}");
+            check_kind(&p.api_version, &p.kind, "AuthorizationPolicy")
+                .map_err(|(f, r)| err(at(f), r))?;
+            check_dns_label(&p.metadata.name, true).map_err(|r| err(at("metadata.name"), r))?;
+            check_dns_label(&p.metadata.namespace, false)
+                .map_err(|r| err(at("metadata.namespace"), r))?;
+            if !pol_names.insert((p.metadata.namespace.as_str(), p.metadata.name.as_str())) {
+                return Err(err(
+                    at("metadata.name"),
+                    format!(
+                        "duplicate AuthorizationPolicy {}/{}",
+                        p.metadata.namespace, p.metadata.name
+                    ),
+                ));
+            }
+            if p.spec.action == AuthorizationAction::Custom && p.spec.provider.is_none() {
+                return Err(err(
+                    at("spec.provider"),
+                    "action CUSTOM needs a provider".into(),
+                ));
+            }
+            if p.spec.action != AuthorizationAction::Custom && p.spec.provider.is_some() {
+                return Err(err(
+                    at("spec.provider"),
+                    "provider is only valid with action CUSTOM".into(),
+                ));
+            }
+            if p.spec.selector.is_some()
+                && (p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty())
+            {
+                return Err(err(
+                    at("spec.selector"),
+                    "selector and targetRef(s) are mutually exclusive".into(),
+                ));
+            }
+            for (j, rule) in p.spec.rules.iter().flatten().enumerate() {
+                check_rule(rule).map_err(|(f, r)| err(at(&format!("spec.rules[{j}].{f}")), r))?;
+            }
+        }
+        let mut pa_names = HashSet::new();
+        for (i, p) in f.peer_authentications.iter().enumerate() {
+            let at = |field: &str| format!("peerAuthentications[{i}].{field}");
+            check_kind(&p.api_version, &p.kind, "PeerAuthentication")
+                .map_err(|(f, r)| err(at(f), r))?;
+            check_dns_label(&p.metadata.name, true).map_err(|r| err(at("metadata.name"), r))?;
+            check_dns_label(&p.metadata.namespace, false)
+                .map_err(|r| err(at("metadata.namespace"), r))?;
+            if !pa_names.insert((p.metadata.namespace.as_str(), p.metadata.name.as_str())) {
+                return Err(err(
+                    at("metadata.name"),
+                    format!(
+                        "duplicate PeerAuthentication {}/{}",
+                        p.metadata.namespace, p.metadata.name
+                    ),
+                ));
+            }
+            for port in p.spec.port_level_mtls.keys() {
+                parse_port(port).map_err(|r| err(at(&format!("spec.portLevelMtls[{port}]")), r))?;
+            }
+            if !p.spec.port_level_mtls.is_empty() && p.spec.selector.is_none() {
+                return Err(err(
+                    at("spec.portLevelMtls"),
+                    "portLevelMtls needs a workload selector (as in Istio)".into(),
+                ));
+            }
+        }
+
+        let cursors = f.services.iter().map(|_| AtomicUsize::new(0)).collect();
+        Ok(MeshModel {
+            trust_domain: f.trust_domain,
+            root_namespace: f.root_namespace,
+            nodes: f.nodes,
+            namespaces: f.namespaces,
+            workloads: f.workloads,
+            services: f.services,
+            authorization_policies: f.authorization_policies,
+            peer_authentications: f.peer_authentications,
+            source: source_name.to_string(),
+            by_ip,
+            by_vip,
+            endpoints,
+            cursors,
+        })
+    }
+
+    /// An empty model (no workloads): what an agent serves before its first
+    /// good configuration.
+    pub fn empty(trust_domain: &str) -> MeshModel {
+        Self::from_file(
+            MeshFile {
+                trust_domain: trust_domain.to_string(),
+                root_namespace: default_root_namespace(),
+                ..Default::default()
+            },
+            "(empty)",
+        )
+        .expect("an empty mesh is valid")
+    }
+}
+
+fn check_kind(
+    api_version: &Option<String>,
+    kind: &Option<String>,
+    want: &str,
+) -> Result<(), (&'static str, String)> {
+    if let Some(v) = api_version {
+        if !matches!(
+            v.as_str(),
+            "security.istio.io/v1" | "security.istio.io/v1beta1"
+        ) {
+            return Err((
+                "apiVersion",
+                format!("expected security.istio.io/v1, got {v:?}"),
+            ));
+        }
+    }
+    if let Some(k) = kind {
+        if k != want {
+            return Err(("kind", format!("expected {want}, got {k:?}")));
+        }
+    }
+    Ok(())
+}
+
+fn check_rule(rule: &Rule) -> Result<(), (String, String)> {
+    for (i, from) in rule.from.iter().enumerate() {
+        let s = &from.source;
+        for (name, list) in [
+            ("ipBlocks", &s.ip_blocks),
+            ("notIpBlocks", &s.not_ip_blocks),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+        ] {
+            for (j, b) in list.iter().enumerate() {
+                parse_ip_block(b).map_err(|r| (format!("from[{i}].source.{name}[{j}]"), r))?;
+            }
+        }
+    }
+    for (i, to) in rule.to.iter().enumerate() {
+        for (name, list) in [
+            ("ports", &to.operation.ports),
+            ("notPorts", &to.operation.not_ports),
+        ] {
+            for (j, p) in list.iter().enumerate() {
+                parse_port(p).map_err(|r| (format!("to[{i}].operation.{name}[{j}]"), r))?;
+            }
+        }
+    }
+    for (i, c) in rule.when.iter().enumerate() {
+        if c.key.is_empty() {
+            return Err((format!("when[{i}].key"), "empty condition key".into()));
+        }
+        if c.values.is_empty() && c.not_values.is_empty() {
+            return Err((
+                format!("when[{i}]"),
+                "a condition needs values or notValues".into(),
+            ));
+        }
+        if matches!(c.key.as_str(), "source.ip" | "remote.ip" | "destination.ip") {
+            for (j, v) in c.values.iter().chain(&c.not_values).enumerate() {
+                parse_ip_block(v).map_err(|r| (format!("when[{i}].values[{j}]"), r))?;
+            }
+        }
+        if c.key == "destination.port" {
+            for (j, v) in c.values.iter().chain(&c.not_values).enumerate() {
+                parse_port(v).map_err(|r| (format!("when[{i}].values[{j}]"), r))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parse an Istio IP block: a single address or a CIDR.
+pub fn parse_ip_block(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| format!("bad CIDR {s:?}: expected an IP address or address/prefix"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "bad CIDR {s:?}: host bits set (did you mean {}?)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// Parse a port given as a string (Istio writes ports as strings).
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("bad port {s:?}: expected a number from 1 to 65535")),
+        Ok(p) => Ok(p),
+    }
+}
+
+fn check_unicast(ip: IpAddr) -> Result<(), String> {
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+        return Err(format!("{ip} is not a unicast address"));
+    }
+    Ok(())
+}
+
+/// Names become parts of SPIFFE IDs, metric labels and file names: keep them
+/// to Kubernetes' DNS-1123 rules (`dots` allowed for subdomain-style names).
+fn check_dns_label(s: &str, dots: bool) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 253 {
+        return Err(format!("{s:?} is longer than 253 characters"));
+    }
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
+    if let Some(c) = s.chars().find(|&c| !ok_char(c)) {
+        return Err(format!(
+            "{s:?} contains {c:?}: use lowercase letters, digits, '-'{}",
+            if dots { " and '.'" } else { "" }
+        ));
+    }
+    if s.starts_with(['-', '.']) || s.ends_with(['-', '.']) {
+        return Err(format!("{s:?} must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+/// Labels of a workload merged with its namespace's: handy for selectors that
+/// look at both.
+pub fn merged_labels(model: &MeshModel, w: &Workload) -> BTreeMap<String, String> {
+    let mut out = model
+        .namespace_labels(&w.namespace)
+        .cloned()
+        .unwrap_or_default();
+    out.extend(w.labels.clone());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Destination;
+
+    const GOOD: &str = r#"
+trustDomain: example.org
+nodes:
+  - name: node-a
+  - name: node-b
+workloads:
+  - name: client
+    namespace: shop
+    serviceAccount: client-sa
+    node: node-a
+    ips: [10.0.1.1]
+    labels: {app: client}
+  - name: echo-1
+    namespace: shop
+    node: node-b
+    ips: [10.0.2.1, "fd00::2:1"]
+    labels: {app: echo}
+  - name: echo-2
+    namespace: shop
+    node: node-b
+    ips: [10.0.2.2]
+    labels: {app: echo}
+services:
+  - name: echo
+    namespace: shop
+    vips: [10.96.0.10]
+    ports: [{port: 80, targetPort: 8080}]
+    selector: {app: echo}
+authorizationPolicies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: allow-client, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: echo}}
+      action: ALLOW
+      rules:
+        - from: [{source: {principals: ["example.org/ns/shop/sa/client-sa"], ipBlocks: ["10.0.0.0/16"]}}]
+          to: [{operation: {ports: ["8080"]}}]
+peerAuthentications:
+  - metadata: {name: default, namespace: istio-system}
+    spec: {mtls: {mode: STRICT}}
+"#;
+
+    fn err_of(yaml: &str) -> ModelError {
+        MeshModel::from_yaml(yaml, "mesh.yaml").expect_err("should be rejected")
+    }
+
+    #[test]
+    fn good_file_builds_indices() {
+        let m = MeshModel::from_yaml(GOOD, "mesh.yaml").unwrap();
+        assert_eq!(m.workloads.len(), 3);
+        let client = m.workload_by_ip("10.0.1.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            m.identity(client).to_string(),
+            "spiffe://example.org/ns/shop/sa/client-sa"
+        );
+        let echo = m.workload_by_ip("fd00::2:1".parse().unwrap()).unwrap();
+        assert_eq!(echo.name, "echo-1");
+        assert_eq!(
+            m.identity(echo).to_string(),
+            "spiffe://example.org/ns/shop/sa/default"
+        );
+        match m.destination("10.96.0.10:80".parse().unwrap()) {
+            Destination::Service(s, p) => {
+                assert_eq!(s.name, "echo");
+                assert_eq!(p.target(), 8080);
+            }
+            other => panic!("expected service, got {other:?}"),
+        }
+        assert!(matches!(
+            m.destination("10.96.0.10:81".parse().unwrap()),
+            Destination::External
+        ));
+        assert!(matches!(
+            m.destination("192.0.2.1:80".parse().unwrap()),
+            Destination::External
+        ));
+        assert_eq!(m.service_endpoints(&m.services[0]).count(), 2);
+        assert_eq!(m.services_of(echo).next().unwrap().name, "echo");
+        assert_eq!(
+            m.authorization_policies[0]
+                .spec
+                .rules
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn vip_endpoints_rotate_and_map_target_port() {
+        let m = MeshModel::from_yaml(GOOD, "mesh.yaml").unwrap();
+        let vip = "10.96.0.10:80".parse().unwrap();
+        let picks: HashSet<SocketAddr> =
+            (0..4).map(|_| m.pick_endpoint(vip).unwrap().addr).collect();
+        let want: HashSet<SocketAddr> = ["10.0.2.1:8080", "10.0.2.2:8080"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(picks, want);
+        let direct = m.pick_endpoint("10.0.2.2:9000".parse().unwrap()).unwrap();
+        assert_eq!(direct.workload.name, "echo-2");
+        assert!(direct.service.is_none());
+        assert!(m.pick_endpoint("192.0.2.1:80".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let e = err_of("workloads: [\n  {name: a");
+        assert_eq!(e.source_name, "mesh.yaml");
+        assert!(e.reason.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn bad_ip_names_the_field() {
+        let e = err_of("nodes: [{name: n}]\nworkloads: [{name: a, node: n, ips: [10.0.0.300]}]");
+        assert_eq!(e.field, "workloads[0].ips[0]");
+        assert!(
+            e.to_string()
+                .starts_with("mesh.yaml: workloads[0].ips[0]: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let e = err_of("nodes: [{name: n, adress: 1.2.3.4}]");
+        assert_eq!(e.field, "nodes[0].adress");
+        assert!(e.reason.contains("unknown field `adress`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_ips_are_rejected() {
+        let e = err_of(
+            "nodes: [{name: n}]\nworkloads:\n - {name: a, node: n, ips: [10.0.0.1]}\n - {name: b, node: n, ips: [10.0.0.1]}",
+        );
+        assert_eq!(e.field, "workloads[1].ips[0]");
+        assert!(
+            e.reason.contains("duplicate IP 10.0.0.1") && e.reason.contains("default/a"),
+            "{e}"
+        );
+        let e = err_of(
+            "nodes: [{name: n}]\nworkloads: [{name: a, node: n, ips: [10.0.0.1], labels: {app: a}}]\nservices: [{name: s, vips: [10.0.0.1], ports: [{port: 80}], selector: {app: a}}]",
+        );
+        assert_eq!(e.field, "services[0].vips[0]");
+    }
+
+    #[test]
+    fn unknown_node_is_rejected() {
+        let e = err_of("nodes: [{name: n}]\nworkloads: [{name: a, node: m, ips: [10.0.0.1]}]");
+        assert_eq!(e.field, "workloads[0].node");
+        assert!(e.reason.contains("unknown node \"m\""), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_is_rejected() {
+        let yaml = r#"
+authorizationPolicies:
+  - metadata: {name: p}
+    spec:
+      rules: [{from: [{source: {ipBlocks: ["10.0.0.0/33"]}}]}]
+"#;
+        let e = err_of(yaml);
+        assert_eq!(
+            e.field,
+            "authorizationPolicies[0].spec.rules[0].from[0].source.ipBlocks[0]"
+        );
+        assert!(e.reason.contains("bad CIDR"), "{e}");
+        let e = err_of(&yaml.replace("10.0.0.0/33", "10.0.0.1/24"));
+        assert!(e.reason.contains("host bits set"), "{e}");
+    }
+
+    #[test]
+    fn bad_policy_fields_are_rejected() {
+        let e = err_of("authorizationPolicies: [{metadata: {name: p}, spec: {action: PERMIT}}]");
+        assert!(
+            e.field.starts_with("authorizationPolicies[0].spec.action"),
+            "{e}"
+        );
+        let e = err_of("authorizationPolicies: [{metadata: {name: p}, spec: {rules: [{to: [{operation: {ports: [\"http\"]}}]}]}}]");
+        assert_eq!(
+            e.field,
+            "authorizationPolicies[0].spec.rules[0].to[0].operation.ports[0]"
+        );
+        let e =
+            err_of("authorizationPolicies: [{metadata: {name: p}, spec: {rules: [{frm: []}]}}]");
+        assert!(e.reason.contains("unknown field `frm`"), "{e}");
+        let e =
+            err_of("peerAuthentications: [{metadata: {name: p}, spec: {mtls: {mode: STRIKT}}}]");
+        assert!(
+            e.field.starts_with("peerAuthentications[0].spec.mtls.mode"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let e = err_of(
+            "nodes: [{name: n}]\nworkloads: [{name: a, namespace: Shop, node: n, ips: [10.0.0.1]}]",
+        );
+        assert_eq!(e.field, "workloads[0].namespace");
+        let e = err_of("trustDomain: 'a/b'");
+        assert_eq!(e.field, "trustDomain");
+    }
+
+    #[test]
+    fn enrollment_follows_istio_labels() {
+        let m = MeshModel::from_yaml(
+            r#"
+nodes: [{name: n}]
+namespaces:
+  - {name: in, labels: {istio.io/dataplane-mode: ambient}}
+  - {name: out}
+workloads:
+  - {name: a, namespace: in, node: n, ips: [10.0.0.1]}
+  - {name: b, namespace: in, node: n, ips: [10.0.0.2], labels: {istio.io/dataplane-mode: none}}
+  - {name: c, namespace: out, node: n, ips: [10.0.0.3]}
+  - {name: d, namespace: unlisted, node: n, ips: [10.0.0.4]}
+"#,
+            "m",
+        )
+        .unwrap();
+        let enrolled: Vec<_> = m
+            .workloads
+            .iter()
+            .filter(|w| m.is_enrolled(w))
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(enrolled, ["a", "d"]);
+    }
+}

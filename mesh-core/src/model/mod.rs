@@ -1,0 +1,284 @@
+//! The mesh model: nodes, workloads, services and policies as plain data, plus
+//! the indices the data path needs (workload by IP, service by VIP:port).
+//!
+//! The same model is fed by the local mesh file (see [`file`]) and, later, by
+//! the Kubernetes API. A model is immutable once built; updates replace the
+//! whole model, so a reader never sees half an update.
+
+pub mod file;
+pub mod policy;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::SpiffeId;
+pub use file::ModelError;
+pub use policy::{AuthorizationPolicy, PeerAuthentication};
+
+/// Istio's label for enrollment: `ambient` enrolls a namespace, `none` opts
+/// a pod out.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Istio's label naming the waypoint a namespace or service uses.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+
+/// A machine running one node agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Node {
+    pub name: String,
+    /// Addresses of the node itself (informational; HBONE goes to pod IPs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+/// A namespace and its labels (enrollment and waypoint use are namespace
+/// labels in Istio).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A pod (or VM): the unit that has an identity and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    pub name: String,
+    #[serde(default = "policy::default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+impl Workload {
+    /// The Istio "workload name": the `app.kubernetes.io/name` / `app`
+    /// label when present, otherwise the pod name.
+    pub fn canonical_name(&self) -> &str {
+        self.labels
+            .get("service.istio.io/canonical-name")
+            .or_else(|| self.labels.get("app.kubernetes.io/name"))
+            .or_else(|| self.labels.get("app"))
+            .map(String::as_str)
+            .unwrap_or(&self.name)
+    }
+}
+
+/// One port of a service: what clients dial and where it lands on the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// Defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "TCP".to_string()
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+/// A Kubernetes-style service: virtual IPs in front of the workloads its
+/// selector picks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "policy::default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Index of a workload inside [`MeshModel::workloads`].
+pub type WorkloadIdx = usize;
+
+/// The validated mesh. Build it with [`MeshModel::from_yaml`] /
+/// [`MeshModel::load`]; the indices are derived and always consistent with
+/// the data.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshModel {
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub nodes: Vec<Node>,
+    pub namespaces: Vec<Namespace>,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// Where the model came from (file path or "inline").
+    pub source: String,
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, WorkloadIdx>,
+    #[serde(skip)]
+    by_vip: HashMap<SocketAddr, (usize, usize)>,
+    /// Endpoints (workload indices) of each service, in model order.
+    #[serde(skip)]
+    endpoints: Vec<Vec<WorkloadIdx>>,
+    /// Round-robin cursor per service.
+    #[serde(skip)]
+    cursors: Vec<AtomicUsize>,
+}
+
+/// Where a destination address lands in the mesh.
+#[derive(Debug, Clone, Copy)]
+pub enum Destination<'a> {
+    /// A workload's own address.
+    Workload(&'a Workload),
+    /// A service VIP and port.
+    Service(&'a Service, &'a ServicePort),
+    /// Not part of the mesh.
+    External,
+}
+
+/// A concrete workload endpoint picked for a connection.
+#[derive(Debug, Clone)]
+pub struct Endpoint<'a> {
+    pub workload: &'a Workload,
+    /// The address on the workload to reach (pod IP and target port).
+    pub addr: SocketAddr,
+    /// The service that was dialled, when the client used a VIP.
+    pub service: Option<&'a Service>,
+}
+
+impl MeshModel {
+    /// The SPIFFE identity of a workload.
+    pub fn identity(&self, w: &Workload) -> SpiffeId {
+        SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_ip.get(&ip).map(|&i| &self.workloads[i])
+    }
+
+    pub fn workloads_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> {
+        self.workloads.iter().filter(move |w| w.node == node)
+    }
+
+    pub fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces
+            .iter()
+            .find(|n| n.name == ns)
+            .map(|n| &n.labels)
+    }
+
+    /// Whether the workload's traffic is captured by the mesh. Istio's rules:
+    /// a pod label `istio.io/dataplane-mode=none` opts out; otherwise a
+    /// namespace listed in the mesh file decides by its label. Workloads of
+    /// namespaces the file does not list are in the mesh (the file describes
+    /// the mesh).
+    pub fn is_enrolled(&self, w: &Workload) -> bool {
+        if let Some(mode) = w.labels.get(DATAPLANE_MODE_LABEL) {
+            return mode != "none";
+        }
+        match self.namespace_labels(&w.namespace) {
+            Some(labels) => labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("ambient"),
+            None => true,
+        }
+    }
+
+    /// Classify a destination address.
+    pub fn destination(&self, addr: SocketAddr) -> Destination<'_> {
+        if let Some(&(s, p)) = self.by_vip.get(&addr) {
+            let svc = &self.services[s];
+            return Destination::Service(svc, &svc.ports[p]);
+        }
+        match self.workload_by_ip(addr.ip()) {
+            Some(w) => Destination::Workload(w),
+            None => Destination::External,
+        }
+    }
+
+    /// Workloads behind a service.
+    pub fn service_endpoints(&self, svc: &Service) -> impl Iterator<Item = &Workload> {
+        let idx = self.service_index(svc);
+        idx.into_iter()
+            .flat_map(move |i| self.endpoints[i].iter().map(|&w| &self.workloads[w]))
+    }
+
+    /// Services that select a workload (for telemetry's `destination_service`).
+    pub fn services_of<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Service> {
+        self.services.iter().enumerate().filter_map(move |(i, s)| {
+            self.endpoints[i]
+                .iter()
+                .any(|&e| std::ptr::eq(&self.workloads[e], w))
+                .then_some(s)
+        })
+    }
+
+    fn service_index(&self, svc: &Service) -> Option<usize> {
+        self.services.iter().position(|s| std::ptr::eq(s, svc))
+    }
+
+    /// Resolve a destination to the workload endpoint to connect to. For a
+    /// service VIP, endpoints are chosen round-robin, preferring the same
+    /// address family as the VIP. Returns `None` for external destinations
+    /// and for services without endpoints.
+    pub fn pick_endpoint(&self, addr: SocketAddr) -> Option<Endpoint<'_>> {
+        match self.destination(addr) {
+            Destination::External => None,
+            Destination::Workload(w) => Some(Endpoint {
+                workload: w,
+                addr,
+                service: None,
+            }),
+            Destination::Service(svc, port) => {
+                let i = self.service_index(svc)?;
+                let eps = &self.endpoints[i];
+                if eps.is_empty() {
+                    return None;
+                }
+                let start = self.cursors[i].fetch_add(1, Ordering::Relaxed);
+                (0..eps.len()).find_map(|k| {
+                    let w = &self.workloads[eps[(start + k) % eps.len()]];
+                    let ip = w
+                        .ips
+                        .iter()
+                        .find(|ip| ip.is_ipv4() == addr.is_ipv4())
+                        .or_else(|| w.ips.first())?;
+                    Some(Endpoint {
+                        workload: w,
+                        addr: SocketAddr::new(*ip, port.target()),
+                        service: Some(svc),
+                    })
+                })
+            }
+        }
+    }
+
+    /// The service's cluster-local host name, as Istio reports it.
+    pub fn service_hostname(&self, svc: &Service) -> String {
+        format!("{}.{}.svc.cluster.local", svc.name, svc.namespace)
+    }
+}
