@@ -1,0 +1,406 @@
+//! The HBONE client and its connection pool.
+//!
+//! A CONNECT stream is opened on a pooled HTTP/2-over-mTLS connection keyed
+//! by (source identity, destination identity, destination address). A
+//! connection carries at most `max_streams_per_connection` streams; when all
+//! are full a new one is opened, one at a time per key, so a burst of
+//! connections never opens a burst of handshakes. Connections that die are
+//! dropped from the pool, idle ones are closed after `idle_timeout`, and
+//! after a certificate rotation new streams go to connections made with the
+//! new certificate while old ones drain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use super::{H2Stream, HboneSettings};
+use crate::identity::certs::CertError;
+use crate::identity::{CertificateStore, SpiffeId};
+
+/// Everything needed to open one tunnel.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// Identity the client presents.
+    pub source: SpiffeId,
+    /// Identity the server must prove.
+    pub destination_identity: SpiffeId,
+    /// Where HBONE is served (`pod-ip:15008`).
+    pub hbone_addr: SocketAddr,
+    /// The original destination, sent as `:authority`.
+    pub authority: SocketAddr,
+    /// Extra request headers (`forwarded`, `baggage`, `traceparent`).
+    pub headers: HeaderMap,
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("no certificate for {0}: {1}")]
+    Certificate(SpiffeId, CertError),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{addr} did not negotiate ALPN h2")]
+    NoAlpn { addr: SocketAddr },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("timed out connecting to {addr}")]
+    Timeout { addr: SocketAddr },
+    #[error("tunnel refused with HTTP {0}")]
+    Status(StatusCode),
+    #[error("bad TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: SpiffeId,
+    destination: SpiffeId,
+    addr: SocketAddr,
+}
+
+/// Shared state of one pooled connection.
+struct ConnState {
+    id: u64,
+    active: AtomicUsize,
+    closed: AtomicBool,
+    /// Set when a newer certificate exists: take no new streams.
+    superseded: AtomicBool,
+    idle_since: Mutex<Instant>,
+    cert_generation: u64,
+}
+
+struct PooledConn {
+    state: Arc<ConnState>,
+    sender: h2::client::SendRequest<Bytes>,
+}
+
+#[derive(Default)]
+struct PoolEntry {
+    conns: Vec<PooledConn>,
+    /// Held while a new connection for this key is being established.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Counts one stream on a pooled connection until dropped.
+pub(crate) struct StreamGuard(Arc<ConnState>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// A point-in-time view of the pool, for metrics, the admin dump and tests.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Open pooled connections.
+    pub connections: usize,
+    /// Streams currently open across them.
+    pub active_streams: usize,
+    /// Connections opened since start.
+    pub connections_opened: u64,
+    /// Streams opened since start.
+    pub streams_opened: u64,
+}
+
+struct Inner {
+    certs: Arc<CertificateStore>,
+    settings: HboneSettings,
+    entries: Mutex<HashMap<PoolKey, PoolEntry>>,
+    next_id: AtomicU64,
+    connections_opened: AtomicU64,
+    streams_opened: AtomicU64,
+}
+
+/// Opens HBONE tunnels over pooled connections.
+#[derive(Clone)]
+pub struct HboneConnector {
+    inner: Arc<Inner>,
+}
+
+impl HboneConnector {
+    pub fn new(certs: Arc<CertificateStore>, settings: HboneSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                certs,
+                settings,
+                entries: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                connections_opened: AtomicU64::new(0),
+                streams_opened: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let entries = self.inner.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = PoolStats {
+            connections_opened: self.inner.connections_opened.load(Ordering::Relaxed),
+            streams_opened: self.inner.streams_opened.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for e in entries.values() {
+            for c in &e.conns {
+                s.connections += 1;
+                s.active_streams += c.state.active.load(Ordering::Relaxed);
+            }
+        }
+        s
+    }
+
+    /// Open a CONNECT tunnel; returns once the server answered 200.
+    pub async fn connect(&self, req: &ConnectRequest) -> Result<H2Stream, HboneError> {
+        let cert = self
+            .inner
+            .certs
+            .get(&req.source)
+            .await
+            .map_err(|e| HboneError::Certificate(req.source.clone(), e))?;
+        let key = PoolKey {
+            source: req.source.clone(),
+            destination: req.destination_identity.clone(),
+            addr: req.hbone_addr,
+        };
+        let (mut sender, guard) = match self.checkout(&key, cert.generation) {
+            Some(found) => found,
+            None => self.checkout_or_connect(&key, &cert).await?,
+        };
+        self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
+
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(req.authority.to_string())
+            .body(())
+            .expect("an ip:port is a valid authority");
+        *request.headers_mut() = req.headers.clone();
+        let addr = req.hbone_addr;
+        let h2err = |source| HboneError::H2 { addr, source };
+        sender = sender.ready().await.map_err(h2err)?;
+        let (response, send) = sender.send_request(request, false).map_err(h2err)?;
+        let response = response.await.map_err(h2err)?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status(response.status()));
+        }
+        Ok(H2Stream::new(send, response.into_body(), Some(guard)))
+    }
+
+    /// Find a live connection with room for a stream and reserve it.
+    fn checkout(
+        &self,
+        key: &PoolKey,
+        generation: u64,
+    ) -> Option<(h2::client::SendRequest<Bytes>, StreamGuard)> {
+        let max = self.inner.settings.max_streams_per_connection as usize;
+        let entries = self.inner.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = entries.get(key)?;
+        for c in &entry.conns {
+            if c.state.closed.load(Ordering::Acquire) || c.state.superseded.load(Ordering::Acquire)
+            {
+                continue;
+            }
+            if c.state.cert_generation < generation {
+                c.state.superseded.store(true, Ordering::Release);
+                continue;
+            }
+            // Reserve a slot without exceeding the limit.
+            let reserved = c
+                .state
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok();
+            if reserved {
+                return Some((c.sender.clone(), StreamGuard(c.state.clone())));
+            }
+        }
+        None
+    }
+
+    async fn checkout_or_connect(
+        &self,
+        key: &PoolKey,
+        cert: &Arc<crate::identity::WorkloadCert>,
+    ) -> Result<(h2::client::SendRequest<Bytes>, StreamGuard), HboneError> {
+        let lock = {
+            let mut entries = self.inner.entries.lock().unwrap_or_else(|p| p.into_inner());
+            entries.entry(key.clone()).or_default().connecting.clone()
+        };
+        let _connecting = lock.lock().await;
+        // Somebody may have opened a connection while we waited.
+        if let Some(found) = self.checkout(key, cert.generation) {
+            return Ok(found);
+        }
+        let addr = key.addr;
+        let state = Arc::new(ConnState {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            active: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+            cert_generation: cert.generation,
+        });
+        let sender = tokio::time::timeout(
+            self.inner.settings.connect_timeout,
+            self.open(key, cert, state.clone()),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout { addr })??;
+        Ok((sender, StreamGuard(state)))
+    }
+
+    /// TCP connect, TLS handshake, HTTP/2 handshake; spawns the task that
+    /// drives the connection and retires it when idle or dead.
+    async fn open(
+        &self,
+        key: &PoolKey,
+        cert: &Arc<crate::identity::WorkloadCert>,
+        state: Arc<ConnState>,
+    ) -> Result<h2::client::SendRequest<Bytes>, HboneError> {
+        let addr = key.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| HboneError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let config = cert.client_config(self.inner.certs.roots(), key.destination.clone())?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|source| HboneError::Tls { addr, source })?;
+        if tls.get_ref().1.alpn_protocol() != Some(crate::identity::verify::ALPN_H2) {
+            return Err(HboneError::NoAlpn { addr });
+        }
+        let s = &self.inner.settings;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_header_list_size(s.max_header_list_size)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::H2 { addr, source })?;
+        self.inner
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(conn = state.id, src = %key.source, dst = %key.destination, %addr, "HBONE connection opened");
+        let id = state.id;
+        self.inner
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(PooledConn {
+                state,
+                sender: sender.clone(),
+            });
+        tokio::spawn(drive(
+            connection,
+            Arc::downgrade(&self.inner),
+            key.clone(),
+            id,
+        ));
+        Ok(sender)
+    }
+}
+
+/// Drive one pooled connection; take it out of the pool when it dies, when
+/// it has been idle too long, or when it was superseded and has drained.
+async fn drive<T>(
+    connection: h2::client::Connection<T, Bytes>,
+    pool: Weak<Inner>,
+    key: PoolKey,
+    id: u64,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::pin!(connection);
+    let tick = pool.upgrade().map(|p| {
+        (p.settings.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    });
+    let Some(tick) = tick else { return };
+    let mut retired = false;
+    loop {
+        tokio::select! {
+            r = &mut connection => {
+                if let Err(e) = r {
+                    tracing::debug!(addr = %key.addr, error = %e, "HBONE connection ended");
+                }
+                if let Some(p) = pool.upgrade() { remove(&p, &key, id); }
+                return;
+            }
+            _ = tokio::time::sleep(tick), if !retired => {
+                let Some(p) = pool.upgrade() else { return };
+                if remove_if_idle(&p, &key, id) {
+                    // Dropping the pool's sender lets the connection close
+                    // gracefully once no stream uses it.
+                    retired = true;
+                }
+            }
+        }
+    }
+}
+
+/// Take a dead connection out of the pool.
+fn remove(p: &Inner, key: &PoolKey, id: u64) {
+    let mut entries = p.entries.lock().unwrap_or_else(|x| x.into_inner());
+    if let Some(e) = entries.get_mut(key) {
+        e.conns.retain(|c| {
+            let hit = c.state.id == id;
+            if hit {
+                c.state.closed.store(true, Ordering::Release);
+            }
+            !hit
+        });
+        if e.conns.is_empty() && Arc::strong_count(&e.connecting) == 1 {
+            entries.remove(key);
+        }
+    }
+}
+
+fn remove_if_idle(p: &Inner, key: &PoolKey, id: u64) -> bool {
+    let mut entries = p.entries.lock().unwrap_or_else(|x| x.into_inner());
+    let Some(e) = entries.get_mut(key) else {
+        return true;
+    };
+    let Some(pos) = e.conns.iter().position(|c| c.state.id == id) else {
+        // Not registered (yet, or any more).
+        return false;
+    };
+    let c = &e.conns[pos].state;
+    let idle = c.active.load(Ordering::Acquire) == 0
+        && (c.superseded.load(Ordering::Acquire)
+            || c.idle_since
+                .lock()
+                .unwrap_or_else(|x| x.into_inner())
+                .elapsed()
+                >= p.settings.idle_timeout);
+    if idle {
+        tracing::debug!(addr = %key.addr, conn = id, "HBONE connection idle, closing");
+        e.conns.remove(pos);
+        if e.conns.is_empty() && Arc::strong_count(&e.connecting) == 1 {
+            entries.remove(key);
+        }
+    }
+    idle
+}
