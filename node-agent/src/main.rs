@@ -1,1 +1,186 @@
-fn main() {}
+//! `sluice-agent`: the node agent binary. Parses flags/environment into an
+//! [`AgentConfig`], sets up logging, and runs until SIGINT/SIGTERM. Also
+//! `ca init` (create a root for local mode) and `check` (validate a mesh
+//! file without running anything).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use node_agent::orig_dst::{Chain, SoOriginalDst};
+use node_agent::{AgentConfig, CaSource};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-agent",
+    version,
+    about = "Sluice node agent: sidecar-less mTLS for the pods of this node"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+    /// Certificate authority utilities.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Validate a mesh file and print what it contains.
+    Check {
+        /// The mesh file.
+        #[arg(env = "SLUICE_MESH_FILE")]
+        mesh_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Generate a root certificate and key for local mode.
+    Init {
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name in the mesh file.
+    #[arg(long, env = "SLUICE_NODE")]
+    node: String,
+    /// The local mesh file.
+    #[arg(long, env = "SLUICE_MESH_FILE")]
+    mesh_file: PathBuf,
+    /// How often to check the mesh file for changes.
+    #[arg(long, env = "SLUICE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    reload_interval: Duration,
+    /// Root CA certificate (PEM). Without it an ephemeral root is used,
+    /// which only this agent trusts.
+    #[arg(long, env = "SLUICE_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Root CA key (PEM).
+    #[arg(long, env = "SLUICE_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Create the root CA files if they do not exist.
+    #[arg(long, env = "SLUICE_CA_GENERATE")]
+    ca_generate: bool,
+    /// Lifetime of workload certificates.
+    #[arg(long, env = "SLUICE_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+    #[arg(long, env = "SLUICE_OUTBOUND_PORT", default_value_t = 15001)]
+    outbound_port: u16,
+    #[arg(long, env = "SLUICE_HBONE_PORT", default_value_t = 15008)]
+    hbone_port: u16,
+    #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    #[arg(long, env = "SLUICE_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, env = "SLUICE_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    trust_domain,
+                    cert,
+                    key,
+                },
+        } => {
+            let ca = mesh_core::identity::CertificateAuthority::generate(&trust_domain)?;
+            ca.save(&cert, &key)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Check { mesh_file } => {
+            let m = mesh_core::model::MeshModel::load(&mesh_file)?;
+            println!(
+                "{}: ok — trust domain {}, {} nodes, {} workloads, {} services, {} authorization policies, {} peer authentications",
+                mesh_file.display(),
+                m.trust_domain,
+                m.nodes.len(),
+                m.workloads.len(),
+                m.services.len(),
+                m.authorization_policies.len(),
+                m.peer_authentications.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let mut cfg = AgentConfig::new(&a.node, a.mesh_file);
+    cfg.reload_interval = a.reload_interval;
+    cfg.ca = match (a.ca_cert, a.ca_key) {
+        (Some(cert), Some(key)) => CaSource::Files {
+            cert,
+            key,
+            generate: a.ca_generate,
+        },
+        _ => CaSource::Ephemeral,
+    };
+    cfg.cert_ttl = a.cert_ttl;
+    cfg.outbound_port = a.outbound_port;
+    cfg.hbone_port = a.hbone_port;
+    cfg.admin_addr = a.admin_addr;
+    cfg.metrics_addr = a.metrics_addr;
+    cfg.readiness_addr = a.readiness_addr;
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let orig_dst = Arc::new(Chain(vec![Box::new(SoOriginalDst)]));
+        let agent = node_agent::start(cfg, orig_dst).await?;
+        tracing::info!(
+            node = %agent.ctx.cfg.node,
+            admin = %agent.admin_addr,
+            metrics = %agent.metrics_addr,
+            readiness = %agent.readiness_addr,
+            "agent started"
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        agent.shutdown();
+        Ok(())
+    })
+}

@@ -110,6 +110,7 @@ impl Drop for StreamGuard {
 
 /// A point-in-time view of the pool, for metrics, the admin dump and tests.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct PoolStats {
     /// Open pooled connections.
     pub connections: usize,

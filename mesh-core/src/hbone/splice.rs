@@ -144,3 +144,42 @@ pub async fn splice(
 pub fn reset_tcp(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
+
+/// Copy between two TCP sockets (`client` and `upstream`) with half-close,
+/// counting bytes as they move (`tcp_to_stream` is client → upstream). An
+/// error on either side resets both.
+pub async fn copy_tcp(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    counters: &Transferred,
+) -> std::io::Result<()> {
+    async fn pump<R, W>(mut r: R, mut w: W, counter: &AtomicU64) -> std::io::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                return w.shutdown().await;
+            }
+            w.write_all(&buf[..n]).await?;
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    let result = {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        tokio::try_join!(
+            pump(cr, uw, &counters.tcp_to_stream),
+            pump(ur, cw, &counters.stream_to_tcp)
+        )
+        .map(|_| ())
+    };
+    if result.is_err() {
+        reset_tcp(&client);
+        reset_tcp(&upstream);
+    }
+    result
+}

@@ -125,6 +125,7 @@ impl WorkloadCert {
 
 /// Public facts about a certificate, for dumps and metrics.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CertSummary {
     pub identity: String,
     pub serial: String,

@@ -1,0 +1,190 @@
+//! Admin (15000, localhost: `/config_dump`), Prometheus metrics (15020:
+//! `/metrics`, `/stats/prometheus`) and readiness (15021: `/healthz/ready`).
+//! They run on a dedicated single-threaded runtime on their own OS thread,
+//! so a slow scrape or a large dump never competes with the data path.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::{Ctx, EnrolledWorkload};
+
+/// The running admin thread.
+pub struct AdminServer {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+impl AdminServer {
+    /// Serve the three endpoints on already-bound listeners.
+    pub fn start(
+        ctx: Arc<Ctx>,
+        admin: std::net::TcpListener,
+        metrics: std::net::TcpListener,
+        readiness: std::net::TcpListener,
+    ) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("sluice-admin".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the admin runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for (l, role) in [
+                        (admin, Role::Admin),
+                        (metrics, Role::Metrics),
+                        (readiness, Role::Readiness),
+                    ] {
+                        let ctx = ctx.clone();
+                        tasks.spawn(async move {
+                            if let Err(e) = serve(l, role, ctx).await {
+                                tracing::error!(error = %e, "admin listener failed");
+                            }
+                        });
+                    }
+                    let _ = rx.await;
+                    tasks.abort_all();
+                });
+            })
+            .ok();
+        Self {
+            stop: Some(tx),
+            thread,
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+async fn serve(l: std::net::TcpListener, role: Role, ctx: Arc<Ctx>) -> std::io::Result<()> {
+    l.set_nonblocking(true)?;
+    let l = tokio::net::TcpListener::from_std(l)?;
+    loop {
+        let (tcp, _) = l.accept().await?;
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(req, role, &ctx)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts")
+}
+
+fn route(req: Request<Incoming>, role: Role, ctx: &Ctx) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    let path = req.uri().path();
+    match (role, path) {
+        (Role::Admin, "/config_dump") => match serde_json::to_vec_pretty(&dump(ctx)) {
+            Ok(body) => respond(StatusCode::OK, "application/json", body),
+            Err(e) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
+        (Role::Admin, "/") => respond(
+            StatusCode::OK,
+            "text/plain",
+            "endpoints: /config_dump /healthz/ready\n",
+        ),
+        (Role::Metrics, "/metrics" | "/stats/prometheus") => {
+            crate::telemetry::refresh_gauges(ctx);
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                mesh_core::metrics::encode(&ctx.registry),
+            )
+        }
+        (_, "/healthz/ready") => {
+            if ctx.is_ready() {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            }
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// The `/config_dump` document: model, enrolled workloads, certificates
+/// (public parts only) and pool state.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigDump {
+    pub node: String,
+    pub ready: bool,
+    pub enrolled: Vec<EnrolledWorkload>,
+    pub certificates: Vec<mesh_core::identity::certs::CertSummary>,
+    pub pool: mesh_core::hbone::PoolStats,
+    pub model: Arc<mesh_core::model::MeshModel>,
+}
+
+pub fn dump(ctx: &Ctx) -> ConfigDump {
+    ConfigDump {
+        node: ctx.cfg.node.clone(),
+        ready: ctx.is_ready(),
+        enrolled: ctx.enrolled(),
+        certificates: ctx.certs.summaries(),
+        pool: ctx.connector.stats(),
+        model: ctx.model(),
+    }
+}

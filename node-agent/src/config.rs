@@ -1,0 +1,73 @@
+//! The agent's configuration: one struct, built once from flags and
+//! environment variables (see `main.rs`) or directly by tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_core::hbone::HboneSettings;
+
+/// Where the certificate authority's root comes from in local mode.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// Load root certificate and key from PEM files; with `generate`, create
+    /// and save them first if the files do not exist yet.
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        generate: bool,
+    },
+    /// A fresh in-memory root (single-agent use and tests only: peers of
+    /// another process would not trust it).
+    Ephemeral,
+}
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name in the mesh model.
+    pub node: String,
+    /// The local mesh file (embedded default mode).
+    pub mesh_file: PathBuf,
+    /// How often the mesh file is checked for changes.
+    pub reload_interval: Duration,
+    pub ca: CaSource,
+    /// Lifetime of workload certificates.
+    pub cert_ttl: Duration,
+    /// Port of the per-pod outbound capture listener.
+    pub outbound_port: u16,
+    /// Port of the per-pod HBONE listener (and the port peers dial).
+    pub hbone_port: u16,
+    /// Admin endpoint (config dump); keep it on localhost.
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Readiness endpoint.
+    pub readiness_addr: SocketAddr,
+    /// Timeout for connecting to an application or passthrough destination.
+    pub connect_timeout: Duration,
+    /// Time allowed for an inbound TLS handshake.
+    pub handshake_timeout: Duration,
+    pub hbone: HboneSettings,
+}
+
+impl AgentConfig {
+    /// Defaults for `node` reading `mesh_file`, with Istio's ports.
+    pub fn new(node: &str, mesh_file: PathBuf) -> Self {
+        Self {
+            node: node.to_string(),
+            mesh_file,
+            reload_interval: Duration::from_secs(1),
+            ca: CaSource::Ephemeral,
+            cert_ttl: mesh_core::identity::ca::DEFAULT_WORKLOAD_TTL,
+            outbound_port: 15001,
+            hbone_port: mesh_core::hbone::HBONE_PORT,
+            admin_addr: ([127, 0, 0, 1], 15000).into(),
+            metrics_addr: ([0, 0, 0, 0], 15020).into(),
+            readiness_addr: ([0, 0, 0, 0], 15021).into(),
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            hbone: HboneSettings::default(),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! What happens to an inbound HBONE connection: the agent presents the
+//! certificate of the workload the client dialled (chosen by the local
+//! address — there is no SNI), requires a client certificate of the trust
+//! domain, and for each CONNECT stream checks that the target is that
+//! workload, connects to the application and splices the bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use mesh_core::hbone::splice::reset_tcp;
+use mesh_core::hbone::{server, InboundStream};
+use mesh_core::identity::verify::spiffe_id_of;
+use mesh_core::identity::SpiffeId;
+use mesh_core::metrics::{Peer, Reporter, TcpLabels};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::telemetry::{ConnLog, ConnTelemetry};
+use crate::Ctx;
+
+/// Accept HBONE connections for one workload until aborted.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let local = listener.local_addr().ok();
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle_connection(tcp, peer, ctx).await });
+            }
+            Err(e) => {
+                tracing::warn!(listener = ?local, error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(local) = tcp.local_addr() else { return };
+    let identity = {
+        let model = ctx.model();
+        match model.workload_by_ip(local.ip()) {
+            Some(w) => model.identity(w),
+            None => {
+                ctx.metrics.refuse("inbound", "unknown_destination");
+                return;
+            }
+        }
+    };
+    // Held (not refused) until the certificate exists.
+    let Ok(cert) = ctx.certs.get(&identity).await else {
+        return;
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(tcp);
+    let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(direction = "inbound", src = %peer, dst = %local, error = %e, "TLS handshake refused");
+            ctx.metrics.refuse("inbound", "tls_handshake_failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(direction = "inbound", src = %peer, dst = %local, "TLS handshake timed out");
+            ctx.metrics.refuse("inbound", "tls_handshake_timeout");
+            return;
+        }
+    };
+    let peer_id = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(spiffe_id_of)
+    {
+        Some(Ok(id)) => id,
+        _ => {
+            ctx.metrics.refuse("inbound", "no_peer_identity");
+            return;
+        }
+    };
+    let settings = ctx.cfg.hbone.clone();
+    let ctx2 = ctx.clone();
+    let result = server::serve_connection(tls, &settings, move |stream| {
+        handle_stream(stream, ctx2.clone(), peer, local, peer_id.clone())
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(src = %peer, error = %e, "HBONE connection ended with an error");
+    }
+}
+
+async fn handle_stream(
+    stream: InboundStream,
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    peer_id: SpiffeId,
+) {
+    let model = ctx.model();
+    let target = stream.target;
+    // The tunnel may only reach the workload whose identity was presented.
+    let dst = match (
+        model.workload_by_ip(target.ip()),
+        model.workload_by_ip(local.ip()),
+    ) {
+        (Some(t), Some(l)) if std::ptr::eq(t, l) => t,
+        _ => {
+            tracing::warn!(src = %peer, src.identity = %peer_id, %target, "HBONE target is not the dialled workload");
+            ctx.metrics.refuse("inbound", "wrong_destination");
+            return stream.reject(StatusCode::BAD_REQUEST);
+        }
+    };
+    let dst_id = model.identity(dst);
+    // The source workload, when the forwarded address belongs to a workload
+    // with the identity the client proved.
+    let src_ip = stream
+        .header("forwarded")
+        .and_then(|f| f.strip_prefix("for="))
+        .map(|ip| {
+            ip.trim_matches('"')
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+        })
+        .and_then(|ip| ip.parse().ok());
+    let src = src_ip
+        .and_then(|ip| model.workload_by_ip(ip))
+        .filter(|w| model.identity(w) == peer_id);
+
+    let app = match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(target)).await
+    {
+        Ok(Ok(app)) => app,
+        Ok(Err(e)) => {
+            tracing::info!(src.identity = %peer_id, %target, error = %e, "application refused the connection");
+            ctx.metrics.refuse("inbound", "app_connect_failed");
+            return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        Err(_) => {
+            ctx.metrics.refuse("inbound", "app_connect_timeout");
+            return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let h2 = match stream.accept() {
+        Ok(h2) => h2,
+        Err(e) => {
+            tracing::debug!(error = %e, "HBONE stream went away before it opened");
+            return reset_tcp(&app);
+        }
+    };
+    let labels = TcpLabels::new(
+        &model,
+        Reporter::Destination,
+        Peer {
+            workload: src,
+            identity: Some(&peer_id),
+        },
+        Peer {
+            workload: Some(dst),
+            identity: Some(&dst_id),
+        },
+        None,
+        true,
+    );
+    let log = ConnLog {
+        direction: "inbound",
+        src: src_ip.map(|ip| SocketAddr::new(ip, 0)).unwrap_or(peer),
+        dst: target,
+        src_identity: Some(peer_id.to_string()),
+        dst_identity: Some(dst_id.to_string()),
+        src_workload: src.map(|w| format!("{}/{}", w.namespace, w.name)),
+        dst_workload: Some(format!("{}/{}", dst.namespace, dst.name)),
+        mtls: true,
+    };
+    let t = ConnTelemetry::open(&ctx.metrics, labels, log);
+    let result = h2.splice(app, &t.bytes).await;
+    t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+}

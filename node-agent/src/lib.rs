@@ -1,0 +1,421 @@
+//! The Sluice node agent: one per node. It keeps the mesh model current,
+//! holds a certificate for every identity running on its node, and for each
+//! local enrolled workload runs an outbound capture listener (15001) and an
+//! HBONE listener (15008). Outbound connections are tunnelled over HBONE to
+//! the destination's agent; inbound tunnels are terminated and connected to
+//! the application. Admin, metrics and readiness run on their own small
+//! runtime so a slow scrape never stalls the data path.
+
+pub mod admin;
+pub mod config;
+pub mod inbound;
+pub mod orig_dst;
+pub mod outbound;
+pub mod telemetry;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use mesh_core::hbone::{HboneConnector, PoolStats};
+use mesh_core::identity::{CertificateAuthority, CertificateStore, LocalSigner, SpiffeId};
+use mesh_core::model::{MeshModel, ModelError};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{AgentConfig, CaSource};
+use orig_dst::OriginalDestination;
+use telemetry::{AgentMetrics, ResultLabels};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("mesh file rejected: {0}")]
+    Model(#[from] ModelError),
+    #[error("node {0:?} is not in the mesh file's nodes")]
+    UnknownNode(String),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] mesh_core::identity::CaError),
+    #[error("certificates: {0}")]
+    Certs(#[from] mesh_core::identity::certs::CertError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every task of the agent.
+pub struct Ctx {
+    pub cfg: AgentConfig,
+    model: watch::Receiver<Arc<MeshModel>>,
+    pub certs: Arc<CertificateStore>,
+    pub connector: HboneConnector,
+    pub orig_dst: Arc<dyn OriginalDestination>,
+    pub metrics: AgentMetrics,
+    pub registry: Registry,
+    local: Mutex<HashMap<(String, String), LocalWorkload>>,
+}
+
+impl Ctx {
+    /// The current mesh model.
+    pub fn model(&self) -> Arc<MeshModel> {
+        self.model.borrow().clone()
+    }
+
+    /// Local workloads whose listeners are up, with their identities.
+    pub fn enrolled(&self) -> Vec<EnrolledWorkload> {
+        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = local
+            .iter()
+            .map(|((ns, name), l)| EnrolledWorkload {
+                namespace: ns.clone(),
+                name: name.clone(),
+                identity: l.identity.to_string(),
+                ips: l.ips.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
+    /// Ready when the listeners of every local workload are up and every
+    /// local identity has a certificate.
+    pub fn is_ready(&self) -> bool {
+        let model = self.model();
+        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let want = model
+            .workloads_on_node(&self.cfg.node)
+            .filter(|w| model.is_enrolled(w))
+            .count();
+        want == local.len() && self.certs.all_ready()
+    }
+}
+
+/// A local workload as the agent serves it (for the dump and tests).
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct EnrolledWorkload {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+    pub ips: Vec<IpAddr>,
+}
+
+struct LocalWorkload {
+    ips: Vec<IpAddr>,
+    identity: SpiffeId,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for LocalWorkload {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    pub ctx: Arc<Ctx>,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+    admin: Option<admin::AdminServer>,
+}
+
+impl AgentHandle {
+    pub fn pool_stats(&self) -> PoolStats {
+        self.ctx.connector.stats()
+    }
+
+    /// Wait until the agent reports ready.
+    pub async fn wait_ready(&self) {
+        while !self.ctx.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stop accepting and drop all listeners; established connections end
+    /// with the runtime.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.ctx
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Build the certificate authority the config asks for.
+pub fn load_ca(source: &CaSource, trust_domain: &str) -> Result<CertificateAuthority, AgentError> {
+    Ok(match source {
+        CaSource::Ephemeral => CertificateAuthority::generate(trust_domain)?,
+        CaSource::Files {
+            cert,
+            key,
+            generate,
+        } => {
+            if *generate && !cert.exists() && !key.exists() {
+                let ca = CertificateAuthority::generate(trust_domain)?;
+                ca.save(cert, key)?;
+                tracing::info!(cert = %cert.display(), "generated a new root CA");
+                ca
+            } else {
+                CertificateAuthority::load(trust_domain, cert, key)?
+            }
+        }
+    })
+}
+
+/// Start the agent: load the mesh file, set up certificates, bind the admin
+/// endpoints and the per-workload listeners, and watch the file for changes.
+pub async fn start(
+    cfg: AgentConfig,
+    orig_dst: Arc<dyn OriginalDestination>,
+) -> Result<AgentHandle, AgentError> {
+    let model = MeshModel::load(&cfg.mesh_file)?;
+    if !model.nodes.iter().any(|n| n.name == cfg.node) {
+        return Err(AgentError::UnknownNode(cfg.node.clone()));
+    }
+    let ca = Arc::new(load_ca(&cfg.ca, &model.trust_domain)?);
+    let root = ca.root().clone();
+    let signer = Arc::new(LocalSigner {
+        ca,
+        ttl: cfg.cert_ttl,
+    });
+    let certs = CertificateStore::new(signer, vec![root], &model.trust_domain)?;
+    let connector = HboneConnector::new(certs.clone(), cfg.hbone.clone());
+    let mut registry = Registry::default();
+    let metrics = AgentMetrics::register(&mut registry);
+    let (model_tx, model_rx) = watch::channel(Arc::new(model));
+
+    let bind = |addr: SocketAddr| {
+        std::net::TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })
+    };
+    let (admin_l, metrics_l, ready_l) = (
+        bind(cfg.admin_addr)?,
+        bind(cfg.metrics_addr)?,
+        bind(cfg.readiness_addr)?,
+    );
+    let local_addr =
+        |l: &std::net::TcpListener| l.local_addr().expect("bound listener has an address");
+    let (admin_addr, metrics_addr, readiness_addr) = (
+        local_addr(&admin_l),
+        local_addr(&metrics_l),
+        local_addr(&ready_l),
+    );
+
+    let ctx = Arc::new(Ctx {
+        cfg,
+        model: model_rx,
+        certs,
+        connector,
+        orig_dst,
+        metrics,
+        registry,
+        local: Mutex::new(HashMap::new()),
+    });
+    let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l);
+    reconcile(&ctx).await;
+    let tasks = vec![
+        tokio::spawn(watch_mesh_file(ctx.clone(), model_tx)),
+        tokio::spawn(follow_model(ctx.clone())),
+    ];
+    Ok(AgentHandle {
+        ctx,
+        admin_addr,
+        metrics_addr,
+        readiness_addr,
+        tasks,
+        admin: Some(admin),
+    })
+}
+
+/// Poll the mesh file; apply a changed file only if it validates, otherwise
+/// keep the last good model and say why.
+async fn watch_mesh_file(ctx: Arc<Ctx>, tx: watch::Sender<Arc<MeshModel>>) {
+    let path = ctx.cfg.mesh_file.clone();
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(ctx.cfg.reload_interval).await;
+        let now = match tokio::fs::read(&path).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                if last.is_some() {
+                    tracing::error!(file = %path.display(), error = %e, "cannot read mesh file; keeping the last good model");
+                    ctx.metrics
+                        .config_updates
+                        .get_or_create(&ResultLabels { result: "rejected" })
+                        .inc();
+                }
+                None
+            }
+        };
+        if now.is_none() || now == last {
+            last = now.or(last);
+            continue;
+        }
+        let bytes = now.expect("checked above");
+        let text = String::from_utf8_lossy(&bytes);
+        let result = MeshModel::from_yaml(&text, &path.display().to_string()).and_then(|m| {
+            let current = ctx.model();
+            if m.trust_domain != current.trust_domain {
+                return Err(ModelError {
+                    source_name: path.display().to_string(),
+                    field: "trustDomain".into(),
+                    reason: format!(
+                        "cannot change from {:?} while running; restart the agent",
+                        current.trust_domain
+                    ),
+                });
+            }
+            if !m.nodes.iter().any(|n| n.name == ctx.cfg.node) {
+                return Err(ModelError {
+                    source_name: path.display().to_string(),
+                    field: "nodes".into(),
+                    reason: format!("this agent's node {:?} is missing", ctx.cfg.node),
+                });
+            }
+            Ok(m)
+        });
+        match result {
+            Ok(m) => {
+                tracing::info!(file = %path.display(), workloads = m.workloads.len(), services = m.services.len(), "mesh model updated");
+                ctx.metrics
+                    .config_updates
+                    .get_or_create(&ResultLabels { result: "applied" })
+                    .inc();
+                tx.send_replace(Arc::new(m));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mesh file update rejected; keeping the last good model");
+                ctx.metrics
+                    .config_updates
+                    .get_or_create(&ResultLabels { result: "rejected" })
+                    .inc();
+            }
+        }
+        last = Some(bytes);
+    }
+}
+
+/// Re-reconcile local workloads whenever the model changes.
+async fn follow_model(ctx: Arc<Ctx>) {
+    let mut rx = ctx.model.clone();
+    while rx.changed().await.is_ok() {
+        reconcile(&ctx).await;
+    }
+}
+
+/// Make the set of running per-workload listeners match the model.
+async fn reconcile(ctx: &Arc<Ctx>) {
+    let model = ctx.model();
+    let mut want: HashMap<(String, String), (Vec<IpAddr>, SpiffeId)> = HashMap::new();
+    for w in model
+        .workloads_on_node(&ctx.cfg.node)
+        .filter(|w| model.is_enrolled(w))
+    {
+        want.insert(
+            (w.namespace.clone(), w.name.clone()),
+            (w.ips.clone(), model.identity(w)),
+        );
+    }
+    let mut to_start = Vec::new();
+    {
+        let mut local = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.retain(|k, l| {
+            let keep = want.get(k).is_some_and(|(ips, id)| ips == &l.ips && id == &l.identity);
+            if !keep {
+                tracing::info!(namespace = %k.0, workload = %k.1, "workload left this node's mesh; listeners closed");
+            }
+            keep
+        });
+        for (k, (ips, id)) in want {
+            if !local.contains_key(&k) {
+                to_start.push((k, ips, id));
+            }
+        }
+        let still: std::collections::HashSet<SpiffeId> =
+            local.values().map(|l| l.identity.clone()).collect();
+        let starting: std::collections::HashSet<&SpiffeId> =
+            to_start.iter().map(|(_, _, id)| id).collect();
+        for id in ctx.certs.identities() {
+            if !still.contains(&id) && !starting.contains(&id) {
+                ctx.certs.forget(&id);
+            }
+        }
+    }
+    for ((ns, name), ips, identity) in to_start {
+        ctx.certs.ensure(&identity);
+        match start_workload_listeners(ctx, &ips).await {
+            Ok(tasks) => {
+                tracing::info!(namespace = %ns, workload = %name, identity = %identity, ?ips, "workload enrolled");
+                ctx.local.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    (ns, name),
+                    LocalWorkload {
+                        ips,
+                        identity,
+                        tasks,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(namespace = %ns, workload = %name, error = %e, "cannot enroll workload; other workloads are unaffected");
+            }
+        }
+    }
+    let n = ctx.local.lock().unwrap_or_else(|p| p.into_inner()).len();
+    ctx.metrics.enrolled_workloads.set(n as i64);
+}
+
+/// Bind the outbound and HBONE listeners on each of a workload's IPs.
+async fn start_workload_listeners(
+    ctx: &Arc<Ctx>,
+    ips: &[IpAddr],
+) -> Result<Vec<JoinHandle<()>>, AgentError> {
+    let mut listeners = Vec::new();
+    for &ip in ips {
+        for (port, kind) in [
+            (ctx.cfg.outbound_port, Kind::Outbound),
+            (ctx.cfg.hbone_port, Kind::Hbone),
+        ] {
+            let addr = SocketAddr::new(ip, port);
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind { addr, source })?;
+            listeners.push((l, kind));
+        }
+    }
+    Ok(listeners
+        .into_iter()
+        .map(|(l, kind)| match kind {
+            Kind::Outbound => tokio::spawn(outbound::serve(l, ctx.clone())),
+            Kind::Hbone => tokio::spawn(inbound::serve(l, ctx.clone())),
+        })
+        .collect())
+}
+
+enum Kind {
+    Outbound,
+    Hbone,
+}

@@ -1,0 +1,199 @@
+//! What happens to an outbound connection: a captured TCP connection from a
+//! local workload is matched to its original destination, resolved in the
+//! mesh model (workload IP or service VIP → endpoint), and tunnelled over
+//! HBONE to the destination's agent — or, for destinations outside the mesh,
+//! passed through. A connection the agent cannot place is reset, never sent
+//! somewhere guessed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+use mesh_core::hbone::splice::reset_tcp;
+use mesh_core::hbone::ConnectRequest;
+use mesh_core::metrics::{Peer, Reporter, TcpLabels};
+use mesh_core::model::{Destination, MeshModel, Workload};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::telemetry::{ConnLog, ConnTelemetry};
+use crate::Ctx;
+
+/// Accept captured connections of one workload until aborted.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let local = listener.local_addr().ok();
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle(tcp, peer, ctx).await });
+            }
+            Err(e) => {
+                tracing::warn!(listener = ?local, error = %e, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+    let _ = tcp.set_nodelay(true);
+    let refuse = |tcp: TcpStream, reason: &'static str, detail: &dyn std::fmt::Display| {
+        tracing::warn!(direction = "outbound", src = %peer, reason, %detail, "connection refused");
+        ctx.metrics.refuse("outbound", reason);
+        reset_tcp(&tcp);
+    };
+    let Some(dst) = ctx.orig_dst.take(&tcp) else {
+        return refuse(
+            tcp,
+            "no_original_destination",
+            &"destination not recorded by capture",
+        );
+    };
+    let Ok(listener_addr) = tcp.local_addr() else {
+        return;
+    };
+    if dst.port() == ctx.cfg.outbound_port && dst.ip() == listener_addr.ip() {
+        return refuse(tcp, "loop", &dst);
+    }
+    let model = ctx.model();
+    let Some(src) = model.workload_by_ip(listener_addr.ip()) else {
+        return refuse(tcp, "unknown_source", &listener_addr.ip());
+    };
+    let service = match model.destination(dst) {
+        Destination::External => return passthrough(tcp, peer, dst, &model, src, None, &ctx).await,
+        Destination::Service(svc, _) => Some(svc),
+        Destination::Workload(_) => None,
+    };
+    let Some(ep) = model.pick_endpoint(dst) else {
+        return refuse(tcp, "no_endpoints", &dst);
+    };
+    if !model.is_enrolled(ep.workload) {
+        // Istio sends plaintext to destinations that are not in the mesh.
+        return passthrough(tcp, peer, ep.addr, &model, src, Some(ep.workload), &ctx).await;
+    }
+    let src_id = model.identity(src);
+    let dst_id = model.identity(ep.workload);
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("for={}", forwarded_ip(peer))) {
+        headers.insert("forwarded", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&baggage(src)) {
+        headers.insert("baggage", v);
+    }
+    let req = ConnectRequest {
+        source: src_id.clone(),
+        destination_identity: dst_id.clone(),
+        hbone_addr: SocketAddr::new(ep.addr.ip(), ctx.cfg.hbone_port),
+        authority: ep.addr,
+        headers,
+    };
+    let stream = match ctx.connector.connect(&req).await {
+        Ok(s) => s,
+        Err(e) => return refuse(tcp, "hbone_connect_failed", &e),
+    };
+    let labels = TcpLabels::new(
+        &model,
+        Reporter::Source,
+        Peer {
+            workload: Some(src),
+            identity: Some(&src_id),
+        },
+        Peer {
+            workload: Some(ep.workload),
+            identity: Some(&dst_id),
+        },
+        service,
+        true,
+    );
+    let log = ConnLog {
+        direction: "outbound",
+        src: peer,
+        dst: ep.addr,
+        src_identity: Some(src_id.to_string()),
+        dst_identity: Some(dst_id.to_string()),
+        src_workload: Some(format!("{}/{}", src.namespace, src.name)),
+        dst_workload: Some(format!("{}/{}", ep.workload.namespace, ep.workload.name)),
+        mtls: true,
+    };
+    let t = ConnTelemetry::open(&ctx.metrics, labels, log);
+    let result = stream.splice(tcp, &t.bytes).await;
+    t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+}
+
+/// Forward in plaintext to a destination outside the mesh.
+async fn passthrough(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    model: &MeshModel,
+    src: &Workload,
+    dst_workload: Option<&Workload>,
+    ctx: &Ctx,
+) {
+    let upstream =
+        match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(dst)).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                tracing::info!(src = %peer, %dst, error = %e, "passthrough destination refused");
+                ctx.metrics.refuse("outbound", "passthrough_connect_failed");
+                return reset_tcp(&tcp);
+            }
+            Err(_) => {
+                ctx.metrics
+                    .refuse("outbound", "passthrough_connect_timeout");
+                return reset_tcp(&tcp);
+            }
+        };
+    let _ = upstream.set_nodelay(true);
+    let src_id = model.identity(src);
+    let labels = TcpLabels::new(
+        model,
+        Reporter::Source,
+        Peer {
+            workload: Some(src),
+            identity: Some(&src_id),
+        },
+        Peer {
+            workload: dst_workload,
+            identity: None,
+        },
+        None,
+        false,
+    );
+    let log = ConnLog {
+        direction: "passthrough",
+        src: peer,
+        dst,
+        src_identity: Some(src_id.to_string()),
+        dst_identity: None,
+        src_workload: Some(format!("{}/{}", src.namespace, src.name)),
+        dst_workload: dst_workload.map(|w| format!("{}/{}", w.namespace, w.name)),
+        mtls: false,
+    };
+    let t = ConnTelemetry::open(&ctx.metrics, labels, log);
+    let result = mesh_core::hbone::splice::copy_tcp(tcp, upstream, &t.bytes).await;
+    t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+}
+
+/// RFC 7239 wants IPv6 addresses quoted and bracketed.
+fn forwarded_ip(peer: SocketAddr) -> String {
+    match peer {
+        SocketAddr::V4(a) => a.ip().to_string(),
+        SocketAddr::V6(a) => format!("\"[{}]\"", a.ip()),
+    }
+}
+
+/// W3C baggage describing the source workload, as ztunnel sends it.
+fn baggage(w: &Workload) -> String {
+    let mut parts = vec![
+        "k8s.cluster.name=Kubernetes".to_string(),
+        format!("k8s.namespace.name={}", w.namespace),
+        format!("k8s.pod.name={}", w.name),
+        format!("service.name={}", w.canonical_name()),
+    ];
+    if let Some(v) = w.labels.get("version") {
+        parts.push(format!("service.version={v}"));
+    }
+    parts.join(",")
+}

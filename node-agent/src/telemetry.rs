@@ -1,0 +1,200 @@
+//! Per-connection telemetry: Istio's TCP metrics, the agent's own health
+//! metrics, and one structured access-log line when a connection closes.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mesh_core::hbone::Transferred;
+use mesh_core::metrics::{TcpLabels, TcpMetrics};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label set of refusals.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+/// Label set of per-identity certificate gauges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Every metric the agent exports.
+pub struct AgentMetrics {
+    pub tcp: TcpMetrics,
+    /// Connections the agent refused, by direction and reason.
+    pub refused: Family<RefusedLabels, Counter>,
+    /// Mesh model updates applied or rejected.
+    pub config_updates: Family<ResultLabels, Counter>,
+    /// Workloads of this node whose traffic is captured.
+    pub enrolled_workloads: Gauge,
+    /// Expiry time of each identity's current certificate (Unix seconds).
+    pub cert_expiry: Family<IdentityLabels, Gauge>,
+    pub cert_rotations: Gauge,
+    pub pool_connections: Gauge,
+    pub pool_streams: Gauge,
+    pub active_connections: Gauge,
+}
+
+impl AgentMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = AgentMetrics {
+            tcp: TcpMetrics::register(registry),
+            refused: Family::default(),
+            config_updates: Family::default(),
+            enrolled_workloads: Gauge::default(),
+            cert_expiry: Family::default(),
+            cert_rotations: Gauge::default(),
+            pool_connections: Gauge::default(),
+            pool_streams: Gauge::default(),
+            active_connections: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("sluice");
+        r.register(
+            "connections_refused",
+            "Connections refused by the agent",
+            m.refused.clone(),
+        );
+        r.register(
+            "config_updates",
+            "Mesh model updates by result (applied, rejected)",
+            m.config_updates.clone(),
+        );
+        r.register(
+            "enrolled_workloads",
+            "Workloads on this node whose traffic is captured",
+            m.enrolled_workloads.clone(),
+        );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "Expiry of the current certificate of each identity",
+            m.cert_expiry.clone(),
+        );
+        r.register(
+            "certificate_rotations",
+            "Certificates replaced by rotation since start",
+            m.cert_rotations.clone(),
+        );
+        r.register(
+            "hbone_pool_connections",
+            "Open pooled HBONE connections",
+            m.pool_connections.clone(),
+        );
+        r.register(
+            "hbone_pool_streams",
+            "Open streams on pooled HBONE connections",
+            m.pool_streams.clone(),
+        );
+        r.register(
+            "active_connections",
+            "Proxied connections currently open",
+            m.active_connections.clone(),
+        );
+        m
+    }
+
+    pub fn refuse(&self, direction: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { direction, reason })
+            .inc();
+    }
+}
+
+/// What the access log says about one connection.
+pub struct ConnLog {
+    pub direction: &'static str,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    pub src_workload: Option<String>,
+    pub dst_workload: Option<String>,
+    pub mtls: bool,
+}
+
+/// Tracks one proxied connection from open to close.
+pub struct ConnTelemetry<'a> {
+    metrics: &'a AgentMetrics,
+    labels: TcpLabels,
+    log: ConnLog,
+    start: Instant,
+    pub bytes: Transferred,
+}
+
+impl<'a> ConnTelemetry<'a> {
+    /// Count the connection as opened.
+    pub fn open(metrics: &'a AgentMetrics, labels: TcpLabels, log: ConnLog) -> Self {
+        metrics.tcp.opened.get_or_create(&labels).inc();
+        metrics.active_connections.inc();
+        Self {
+            metrics,
+            labels,
+            log,
+            start: Instant::now(),
+            bytes: Transferred::default(),
+        }
+    }
+
+    /// Count the close and write the access-log line. `error` is why the
+    /// connection ended abnormally, if it did.
+    pub fn close(self, error: Option<&dyn std::fmt::Display>) {
+        // From the reporter's point of view: "received" is what the client
+        // sent, "sent" what it got back (Istio's request/response sense).
+        let (client_sent, client_got) = match self.labels.reporter {
+            "source" => (self.bytes.sent(), self.bytes.received()),
+            _ => (self.bytes.received(), self.bytes.sent()),
+        };
+        let m = &self.metrics.tcp;
+        m.closed.get_or_create(&self.labels).inc();
+        m.received_bytes
+            .get_or_create(&self.labels)
+            .inc_by(client_sent);
+        m.sent_bytes.get_or_create(&self.labels).inc_by(client_got);
+        self.metrics.active_connections.dec();
+        let l = &self.log;
+        tracing::info!(
+            target: "access",
+            direction = l.direction,
+            src.addr = %l.src,
+            dst.addr = %l.dst,
+            src.identity = l.src_identity.as_deref().unwrap_or("-"),
+            dst.identity = l.dst_identity.as_deref().unwrap_or("-"),
+            src.workload = l.src_workload.as_deref().unwrap_or("-"),
+            dst.workload = l.dst_workload.as_deref().unwrap_or("-"),
+            mtls = l.mtls,
+            bytes_sent = client_sent,
+            bytes_recv = client_got,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            error = error.map(|e| e.to_string()).as_deref().unwrap_or("-"),
+            "connection complete"
+        );
+    }
+}
+
+/// Refresh the gauges that are read from live state at scrape time.
+pub fn refresh_gauges(ctx: &crate::Ctx) {
+    let m = &ctx.metrics;
+    let pool = ctx.connector.stats();
+    m.pool_connections.set(pool.connections as i64);
+    m.pool_streams.set(pool.active_streams as i64);
+    m.cert_rotations.set(ctx.certs.rotations() as i64);
+    m.cert_expiry.clear();
+    for c in ctx.certs.summaries() {
+        m.cert_expiry
+            .get_or_create(&IdentityLabels {
+                identity: c.identity,
+            })
+            .set(c.not_after as i64);
+    }
+}
