@@ -47,7 +47,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn run_tests(cmd: &mut Command) -> Result<()> {
     use std::io::{BufRead, BufReader};
     eprintln!("+ {cmd:?}");
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("running {cmd:?}"))?;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     let out = child.stdout.take().context("test output")?;
     for line in BufReader::new(out).lines() {
@@ -56,7 +59,12 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |what: &str| {
                 rest.split(';')
-                    .find_map(|p| p.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+                    .find_map(|p| {
+                        p.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(what)
+                    })
                     .and_then(|n| n.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             };

@@ -405,3 +405,145 @@ fn remove_if_idle(p: &Inner, key: &PoolKey, id: u64) -> bool {
     }
     idle
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pool against a real HBONE server on loopback.
+    use super::*;
+    use crate::hbone::server::serve_connection;
+    use crate::identity::{CertificateAuthority, LocalSigner};
+    use tokio::net::TcpListener;
+
+    struct Setup {
+        connector: HboneConnector,
+        req: ConnectRequest,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    /// A server that answers every CONNECT with 200 and echoes nothing; it
+    /// drops each TLS connection after `streams_per_conn` streams.
+    async fn setup(settings: HboneSettings, streams_per_conn: usize) -> Setup {
+        let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
+        let root = ca.root().clone();
+        let certs = CertificateStore::new(
+            Arc::new(LocalSigner {
+                ca,
+                ttl: Duration::from_secs(3600),
+            }),
+            vec![root],
+            "cluster.local",
+        )
+        .unwrap();
+        let (src, dst) = (
+            SpiffeId::new("cluster.local", "a", "client"),
+            SpiffeId::new("cluster.local", "b", "server"),
+        );
+        let server_cert = certs.get(&dst).await.unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        let s = settings.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                acc.fetch_add(1, Ordering::SeqCst);
+                let cfg = server_cert.server_config();
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let tls = tokio_rustls::TlsAcceptor::from(cfg)
+                        .accept(tcp)
+                        .await
+                        .unwrap();
+                    let served = Arc::new(AtomicUsize::new(0));
+                    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+                    let conn = serve_connection(tls, &s, move |stream| {
+                        let (served, done) = (served.clone(), done_tx.clone());
+                        async move {
+                            let _ = stream.accept();
+                            if served.fetch_add(1, Ordering::SeqCst) + 1 == streams_per_conn {
+                                // Let the 200 reach the client first.
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                let _ = done.send(()).await;
+                            }
+                        }
+                    });
+                    // Drop the whole connection (TCP close) after the quota.
+                    tokio::select! { _ = conn => {}, _ = done_rx.recv() => {} }
+                });
+            }
+        });
+        let connector = HboneConnector::new(certs, settings);
+        let req = ConnectRequest {
+            source: src,
+            destination_identity: dst,
+            hbone_addr: addr,
+            authority: "10.0.0.2:8080".parse().unwrap(),
+            headers: HeaderMap::new(),
+        };
+        Setup {
+            connector,
+            req,
+            accepted,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_goes_away_is_replaced() {
+        let s = setup(HboneSettings::default(), 1).await;
+        let first = s.connector.connect(&s.req).await.unwrap();
+        drop(first);
+        // The server closed the connection after one stream; wait until the
+        // pool noticed, then the next tunnel needs a new connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.connector.stats().connections > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "dead connection still pooled: {:?}",
+                s.connector.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _second = s.connector.connect(&s.req).await.unwrap();
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(s.connector.stats().connections_opened, 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_connection_makes_the_pool_open_another() {
+        let settings = HboneSettings {
+            max_streams_per_connection: 2,
+            ..Default::default()
+        };
+        let s = setup(settings, usize::MAX).await;
+        let mut open = Vec::new();
+        for _ in 0..5 {
+            open.push(s.connector.connect(&s.req).await.unwrap());
+        }
+        let st = s.connector.stats();
+        assert_eq!(
+            (st.connections, st.active_streams, st.connections_opened),
+            (3, 5, 3),
+            "{st:?}"
+        );
+        drop(open);
+        let st = s.connector.stats();
+        assert_eq!(st.active_streams, 0, "{st:?}");
+        // Freed slots are reused.
+        let _again = s.connector.connect(&s.req).await.unwrap();
+        assert_eq!(s.connector.stats().connections_opened, 3);
+    }
+
+    #[tokio::test]
+    async fn wrong_server_identity_fails_the_tunnel() {
+        let s = setup(HboneSettings::default(), usize::MAX).await;
+        let mut req = s.req.clone();
+        req.destination_identity = SpiffeId::new("cluster.local", "b", "somebody-else");
+        match s.connector.connect(&req).await {
+            Err(HboneError::Tls { .. }) => {}
+            Err(e) => panic!("expected a TLS failure, got {e}"),
+            Ok(_) => panic!("expected a TLS failure, got a tunnel"),
+        }
+        assert_eq!(s.connector.stats().connections, 0);
+    }
+}
