@@ -175,7 +175,20 @@ pub struct ConfigDump {
     pub enrolled: Vec<EnrolledWorkload>,
     pub certificates: Vec<mesh_core::identity::certs::CertSummary>,
     pub pool: mesh_core::hbone::PoolStats,
+    /// eBPF capture state, when enabled.
+    pub capture: Option<CaptureDump>,
     pub model: Arc<mesh_core::model::MeshModel>,
+}
+
+/// What the eBPF maps hold.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureDump {
+    pub pin_dir: String,
+    /// Network namespace cookies being captured.
+    pub enrolled_namespaces: Vec<u64>,
+    /// Original-destination records not yet claimed by the agent.
+    pub tracked_connections: usize,
 }
 
 pub fn dump(ctx: &Ctx) -> ConfigDump {
@@ -185,6 +198,11 @@ pub fn dump(ctx: &Ctx) -> ConfigDump {
         enrolled: ctx.enrolled(),
         certificates: ctx.certs.summaries(),
         pool: ctx.connector.stats(),
+        capture: ctx.capture.as_ref().map(|c| CaptureDump {
+            pin_dir: c.config().pin_dir.display().to_string(),
+            enrolled_namespaces: c.enrolled_namespaces(),
+            tracked_connections: c.tracked_connections(),
+        }),
         model: ctx.model(),
     }
 }

@@ -38,6 +38,13 @@ pub struct AgentConfig {
     pub outbound_port: u16,
     /// Port of the per-pod HBONE listener (and the port peers dial).
     pub hbone_port: u16,
+    /// Port of the per-pod inbound plaintext listener (pods in their own
+    /// network namespace only).
+    pub inbound_port: u16,
+    /// SO_MARK on the agent's sockets inside pods (never captured).
+    pub mark: u32,
+    /// eBPF capture; `None` serves workloads without redirection.
+    pub capture: Option<crate::capture::CaptureConfig>,
     /// Admin endpoint (config dump); keep it on localhost.
     pub admin_addr: SocketAddr,
     /// Prometheus metrics endpoint.
@@ -62,6 +69,9 @@ impl AgentConfig {
             cert_ttl: mesh_core::identity::ca::DEFAULT_WORKLOAD_TTL,
             outbound_port: 15001,
             hbone_port: mesh_core::hbone::HBONE_PORT,
+            inbound_port: 15006,
+            mark: 0x539,
+            capture: None,
             admin_addr: ([127, 0, 0, 1], 15000).into(),
             metrics_addr: ([0, 0, 0, 0], 15020).into(),
             readiness_addr: ([0, 0, 0, 0], 15021).into(),

@@ -128,7 +128,14 @@ async fn handle_stream(
         .and_then(|ip| model.workload_by_ip(ip))
         .filter(|w| model.identity(w) == peer_id);
 
-    let app = match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(target)).await
+    let net = ctx
+        .pod_net(target.ip())
+        .unwrap_or(crate::podnet::PodNet::Host);
+    let app = match tokio::time::timeout(
+        ctx.cfg.connect_timeout,
+        net.connect_app(target, ctx.cfg.mark),
+    )
+    .await
     {
         Ok(Ok(app)) => app,
         Ok(Err(e)) => {
@@ -175,5 +182,77 @@ async fn handle_stream(
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let result = h2.splice(app, &t.bytes).await;
+    t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+}
+
+/// Accept plaintext connections steered to a pod's inbound listener (15006)
+/// by the `sk_lookup` program: the local address is the original
+/// destination. Istio's default (PERMISSIVE) accepts them; the peer has no
+/// verified identity.
+pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle_plaintext(tcp, peer, ctx).await });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "inbound plaintext accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(target) = tcp.local_addr() else { return };
+    let model = ctx.model();
+    let (Some(dst), Some(net)) = (model.workload_by_ip(target.ip()), ctx.pod_net(target.ip()))
+    else {
+        ctx.metrics.refuse("inbound", "unknown_destination");
+        return reset_tcp(&tcp);
+    };
+    let app = match tokio::time::timeout(
+        ctx.cfg.connect_timeout,
+        net.connect_app(target, ctx.cfg.mark),
+    )
+    .await
+    {
+        Ok(Ok(app)) => app,
+        _ => {
+            ctx.metrics.refuse("inbound", "app_connect_failed");
+            return reset_tcp(&tcp);
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let dst_id = model.identity(dst);
+    let src = model.workload_by_ip(peer.ip());
+    let labels = TcpLabels::new(
+        &model,
+        Reporter::Destination,
+        Peer {
+            workload: src,
+            identity: None,
+        },
+        Peer {
+            workload: Some(dst),
+            identity: Some(&dst_id),
+        },
+        None,
+        false,
+    );
+    let log = ConnLog {
+        direction: "inbound_plaintext",
+        src: peer,
+        dst: target,
+        src_identity: None,
+        dst_identity: Some(dst_id.to_string()),
+        src_workload: src.map(|w| format!("{}/{}", w.namespace, w.name)),
+        dst_workload: Some(format!("{}/{}", dst.namespace, dst.name)),
+        mtls: false,
+    };
+    let t = ConnTelemetry::open(&ctx.metrics, labels, log);
+    let result = mesh_core::hbone::splice::copy_tcp(tcp, app, &t.bytes).await;
     t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
 }

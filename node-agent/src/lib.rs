@@ -7,10 +7,12 @@
 //! runtime so a slow scrape never stalls the data path.
 
 pub mod admin;
+pub mod capture;
 pub mod config;
 pub mod inbound;
 pub mod orig_dst;
 pub mod outbound;
+pub mod podnet;
 pub mod telemetry;
 
 use std::collections::HashMap;
@@ -21,7 +23,6 @@ use mesh_core::hbone::{HboneConnector, PoolStats};
 use mesh_core::identity::{CertificateAuthority, CertificateStore, LocalSigner, SpiffeId};
 use mesh_core::model::{MeshModel, ModelError};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -45,6 +46,13 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("eBPF capture: {0}")]
+    Capture(#[from] capture::CaptureError),
+    #[error("network namespace {name}: {source}")]
+    Netns {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every task of the agent.
@@ -54,6 +62,8 @@ pub struct Ctx {
     pub certs: Arc<CertificateStore>,
     pub connector: HboneConnector,
     pub orig_dst: Arc<dyn OriginalDestination>,
+    /// The eBPF capture, when enabled.
+    pub capture: Option<Arc<capture::Capture>>,
     pub metrics: AgentMetrics,
     pub registry: Registry,
     local: Mutex<HashMap<(String, String), LocalWorkload>>,
@@ -81,6 +91,15 @@ impl Ctx {
         out
     }
 
+    /// Where the local workload owning `ip` has its sockets.
+    pub fn pod_net(&self, ip: IpAddr) -> Option<podnet::PodNet> {
+        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local
+            .values()
+            .find(|l| l.ips.contains(&ip))
+            .map(|l| l.net.clone())
+    }
+
     /// Ready when the listeners of every local workload are up and every
     /// local identity has a certificate.
     pub fn is_ready(&self) -> bool {
@@ -106,6 +125,8 @@ pub struct EnrolledWorkload {
 struct LocalWorkload {
     ips: Vec<IpAddr>,
     identity: SpiffeId,
+    netns: Option<String>,
+    net: podnet::PodNet,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -208,6 +229,17 @@ pub async fn start(
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
     let (model_tx, model_rx) = watch::channel(Arc::new(model));
+    let capture = match &cfg.capture {
+        Some(c) => Some(Arc::new(capture::Capture::load(c.clone())?)),
+        None => None,
+    };
+    let orig_dst: Arc<dyn OriginalDestination> = match &capture {
+        Some(c) => Arc::new(orig_dst::Chain(vec![
+            Box::new(c.clone()),
+            Box::new(orig_dst),
+        ])),
+        None => orig_dst,
+    };
 
     let bind = |addr: SocketAddr| {
         std::net::TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })
@@ -231,12 +263,27 @@ pub async fn start(
         certs,
         connector,
         orig_dst,
+        capture,
         metrics,
         registry,
         local: Mutex::new(HashMap::new()),
     });
     let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l);
     reconcile(&ctx).await;
+    if let Some(c) = &ctx.capture {
+        // Enrollments left by a previous run for pods that are gone.
+        let local = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
+        let keep_ns = local
+            .values()
+            .filter_map(|l| l.net.netns().map(|n| n.cookie()))
+            .collect();
+        let keep_ips = local
+            .values()
+            .filter(|l| l.net.netns().is_some())
+            .flat_map(|l| l.ips.clone())
+            .collect();
+        c.prune(&keep_ns, &keep_ips);
+    }
     let tasks = vec![
         tokio::spawn(watch_mesh_file(ctx.clone(), model_tx)),
         tokio::spawn(follow_model(ctx.clone())),
@@ -330,51 +377,59 @@ async fn follow_model(ctx: Arc<Ctx>) {
 /// Make the set of running per-workload listeners match the model.
 async fn reconcile(ctx: &Arc<Ctx>) {
     let model = ctx.model();
-    let mut want: HashMap<(String, String), (Vec<IpAddr>, SpiffeId)> = HashMap::new();
+    type Want = (Vec<IpAddr>, SpiffeId, Option<String>);
+    let mut want: HashMap<(String, String), Want> = HashMap::new();
     for w in model
         .workloads_on_node(&ctx.cfg.node)
         .filter(|w| model.is_enrolled(w))
     {
         want.insert(
             (w.namespace.clone(), w.name.clone()),
-            (w.ips.clone(), model.identity(w)),
+            (w.ips.clone(), model.identity(w), w.netns.clone()),
         );
     }
     let mut to_start = Vec::new();
     {
         let mut local = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
         local.retain(|k, l| {
-            let keep = want.get(k).is_some_and(|(ips, id)| ips == &l.ips && id == &l.identity);
+            let keep = want.get(k).is_some_and(|(ips, id, ns)| ips == &l.ips && id == &l.identity && ns == &l.netns);
             if !keep {
-                tracing::info!(namespace = %k.0, workload = %k.1, "workload left this node's mesh; listeners closed");
+                // Stop capturing before the listeners go away, so the pod's
+                // traffic flows directly rather than failing.
+                if let (Some(c), Some(ns)) = (&ctx.capture, l.net.netns()) {
+                    c.unenroll(ns.cookie(), &l.ips);
+                }
+                tracing::info!(namespace = %k.0, workload = %k.1, "workload left this node's mesh; capture removed, listeners closed");
             }
             keep
         });
-        for (k, (ips, id)) in want {
+        for (k, (ips, id, ns)) in want {
             if !local.contains_key(&k) {
-                to_start.push((k, ips, id));
+                to_start.push((k, ips, id, ns));
             }
         }
         let still: std::collections::HashSet<SpiffeId> =
             local.values().map(|l| l.identity.clone()).collect();
         let starting: std::collections::HashSet<&SpiffeId> =
-            to_start.iter().map(|(_, _, id)| id).collect();
+            to_start.iter().map(|(_, _, id, _)| id).collect();
         for id in ctx.certs.identities() {
             if !still.contains(&id) && !starting.contains(&id) {
                 ctx.certs.forget(&id);
             }
         }
     }
-    for ((ns, name), ips, identity) in to_start {
+    for ((ns, name), ips, identity, netns) in to_start {
         ctx.certs.ensure(&identity);
-        match start_workload_listeners(ctx, &ips).await {
-            Ok(tasks) => {
-                tracing::info!(namespace = %ns, workload = %name, identity = %identity, ?ips, "workload enrolled");
+        match start_workload(ctx, &ips, netns.as_deref()) {
+            Ok((net, tasks)) => {
+                tracing::info!(namespace = %ns, workload = %name, identity = %identity, ?ips, netns = netns.as_deref().unwrap_or("-"), "workload enrolled");
                 ctx.local.lock().unwrap_or_else(|p| p.into_inner()).insert(
                     (ns, name),
                     LocalWorkload {
                         ips,
                         identity,
+                        netns,
+                        net,
                         tasks,
                     },
                 );
@@ -388,34 +443,54 @@ async fn reconcile(ctx: &Arc<Ctx>) {
     ctx.metrics.enrolled_workloads.set(n as i64);
 }
 
-/// Bind the outbound and HBONE listeners on each of a workload's IPs.
-async fn start_workload_listeners(
+/// Start serving a local workload: listeners in its namespace (or on its
+/// IPs in the agent's namespace), then — for a pod namespace with capture
+/// enabled — redirection into them.
+fn start_workload(
     ctx: &Arc<Ctx>,
     ips: &[IpAddr],
-) -> Result<Vec<JoinHandle<()>>, AgentError> {
-    let mut listeners = Vec::new();
-    for &ip in ips {
-        for (port, kind) in [
-            (ctx.cfg.outbound_port, Kind::Outbound),
-            (ctx.cfg.hbone_port, Kind::Hbone),
-        ] {
-            let addr = SocketAddr::new(ip, port);
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| AgentError::Bind { addr, source })?;
-            listeners.push((l, kind));
+    netns: Option<&str>,
+) -> Result<(podnet::PodNet, Vec<JoinHandle<()>>), AgentError> {
+    use podnet::PodNet;
+    let net = match netns {
+        None => PodNet::Host,
+        Some(name) => PodNet::Netns(Arc::new(capture::netns::Netns::open(name).map_err(
+            |source| AgentError::Netns {
+                name: name.to_string(),
+                source,
+            },
+        )?)),
+    };
+    let listen = |addr: SocketAddr| {
+        net.listen(addr)
+            .map_err(|source| AgentError::Bind { addr, source })
+    };
+    let src_ip = ips[0];
+    let mut tasks = Vec::new();
+    match &net {
+        PodNet::Host => {
+            for &ip in ips {
+                let out = listen(SocketAddr::new(ip, ctx.cfg.outbound_port))?;
+                let hbone = listen(SocketAddr::new(ip, ctx.cfg.hbone_port))?;
+                tasks.push(tokio::spawn(outbound::serve(out, ctx.clone(), ip)));
+                tasks.push(tokio::spawn(inbound::serve(hbone, ctx.clone())));
+            }
+        }
+        PodNet::Netns(ns) => {
+            let v4 = |port| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port);
+            let out = listen(SocketAddr::new(
+                IpAddr::from([127, 0, 0, 1]),
+                ctx.cfg.outbound_port,
+            ))?;
+            let hbone = listen(v4(ctx.cfg.hbone_port))?;
+            let plain = listen(v4(ctx.cfg.inbound_port))?;
+            if let Some(c) = &ctx.capture {
+                c.enroll(ns, ips, &plain)?;
+            }
+            tasks.push(tokio::spawn(outbound::serve(out, ctx.clone(), src_ip)));
+            tasks.push(tokio::spawn(inbound::serve(hbone, ctx.clone())));
+            tasks.push(tokio::spawn(inbound::serve_plaintext(plain, ctx.clone())));
         }
     }
-    Ok(listeners
-        .into_iter()
-        .map(|(l, kind)| match kind {
-            Kind::Outbound => tokio::spawn(outbound::serve(l, ctx.clone())),
-            Kind::Hbone => tokio::spawn(inbound::serve(l, ctx.clone())),
-        })
-        .collect())
-}
-
-enum Kind {
-    Outbound,
-    Hbone,
+    Ok((net, tasks))
 }

@@ -36,7 +36,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Certificate authority utilities.
     Ca {
         #[command(subcommand)]
@@ -97,6 +97,41 @@ struct RunArgs {
     metrics_addr: SocketAddr,
     #[arg(long, env = "SLUICE_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
+    /// How pods' traffic is captured: `ebpf` loads the capture programs;
+    /// `none` only serves (for tests and loopback demos).
+    #[arg(long, env = "SLUICE_CAPTURE", value_enum, default_value_t = Capture::None)]
+    capture: Capture,
+    /// The compiled eBPF object (`cargo xtask build-ebpf` writes it).
+    #[arg(long, env = "SLUICE_EBPF_OBJECT", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/ebpf/sluice-ebpf.o"))]
+    ebpf_object: PathBuf,
+    /// bpffs directory for this agent's pinned maps and links
+    /// (default: /sys/fs/bpf/sluice/<node>).
+    #[arg(long, env = "SLUICE_BPFFS_DIR")]
+    bpffs_dir: Option<PathBuf>,
+    /// cgroup2 directory to attach the socket programs to (default: the
+    /// cgroup2 root).
+    #[arg(long, env = "SLUICE_CGROUP")]
+    cgroup: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Capture {
+    Ebpf,
+    None,
+}
+
+/// The cgroup2 mount: `/sys/fs/cgroup` on unified hosts, the `unified`
+/// subdirectory on hybrid ones.
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 fn init_logging(format: LogFormat) {
@@ -115,7 +150,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ca {
             command:
                 CaCommand::Init {
@@ -163,6 +198,19 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     cfg.admin_addr = a.admin_addr;
     cfg.metrics_addr = a.metrics_addr;
     cfg.readiness_addr = a.readiness_addr;
+    if a.capture == Capture::Ebpf {
+        cfg.capture = Some(node_agent::capture::CaptureConfig {
+            object: a.ebpf_object,
+            pin_dir: a
+                .bpffs_dir
+                .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/sluice").join(&a.node)),
+            cgroup: a.cgroup.unwrap_or_else(cgroup2_root),
+            mark: cfg.mark,
+            outbound_port: cfg.outbound_port,
+            inbound_port: cfg.inbound_port,
+            hbone_port: cfg.hbone_port,
+        });
+    }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let orig_dst = Arc::new(Chain(vec![Box::new(SoOriginalDst)]));

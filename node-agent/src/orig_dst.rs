@@ -87,7 +87,7 @@ impl OriginalDestination for Chain {
     }
 }
 
-impl<T: OriginalDestination> OriginalDestination for std::sync::Arc<T> {
+impl<T: OriginalDestination + ?Sized> OriginalDestination for std::sync::Arc<T> {
     fn take(&self, conn: &TcpStream) -> Option<SocketAddr> {
         (**self).take(conn)
     }

@@ -5,7 +5,7 @@
 //! passed through. A connection the agent cannot place is reset, never sent
 //! somewhere guessed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,14 +19,15 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::telemetry::{ConnLog, ConnTelemetry};
 use crate::Ctx;
 
-/// Accept captured connections of one workload until aborted.
-pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+/// Accept captured connections of the workload with IP `src_ip` until
+/// aborted.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, src_ip: IpAddr) {
     let local = listener.local_addr().ok();
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
                 let ctx = ctx.clone();
-                tokio::spawn(async move { handle(tcp, peer, ctx).await });
+                tokio::spawn(async move { handle(tcp, peer, ctx, src_ip).await });
             }
             Err(e) => {
                 tracing::warn!(listener = ?local, error = %e, "outbound accept failed");
@@ -36,7 +37,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
-async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr) {
     let _ = tcp.set_nodelay(true);
     let refuse = |tcp: TcpStream, reason: &'static str, detail: &dyn std::fmt::Display| {
         tracing::warn!(direction = "outbound", src = %peer, reason, %detail, "connection refused");
@@ -57,8 +58,8 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         return refuse(tcp, "loop", &dst);
     }
     let model = ctx.model();
-    let Some(src) = model.workload_by_ip(listener_addr.ip()) else {
-        return refuse(tcp, "unknown_source", &listener_addr.ip());
+    let Some(src) = model.workload_by_ip(src_ip) else {
+        return refuse(tcp, "unknown_source", &src_ip);
     };
     let service = match model.destination(dst) {
         Destination::External => return passthrough(tcp, peer, dst, &model, src, None, &ctx).await,
@@ -75,7 +76,14 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     let src_id = model.identity(src);
     let dst_id = model.identity(ep.workload);
     let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&format!("for={}", forwarded_ip(peer))) {
+    // The client's address: its pod IP (a captured connection arrives from
+    // the pod's loopback).
+    let client = if peer.ip().is_loopback() {
+        SocketAddr::new(src_ip, peer.port())
+    } else {
+        peer
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("for={}", forwarded_ip(client))) {
         headers.insert("forwarded", v);
     }
     if let Ok(v) = HeaderValue::from_str(&baggage(src)) {

@@ -4,6 +4,8 @@
 //! in-process agents. Everything is removed when the harness is dropped,
 //! also when the test fails.
 
+pub mod netns;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -1,8 +1,12 @@
 //! `cargo xtask …`: the project's tasks in one place, so the README and CI
 //! run exactly the same commands.
 //!
-//! - `demo`: build and run the local multi-node demo.
-//! - `test`: everything CI runs (formatting, lints, all tests).
+//! - `setup`: install what building the eBPF programs needs (Debian's Rust
+//!   and its source for `-Z build-std`, LLVM 22, `bpf-linker`, iproute2),
+//!   skipping what is already there.
+//! - `build-ebpf`: build `ebpf/programs` into `target/ebpf/sluice-ebpf.o`.
+//! - `demo`: all of the above, then the local multi-node demo.
+//! - `test`: all of the above, then formatting, lints and every test.
 
 use std::process::Command;
 
@@ -18,6 +22,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Install the eBPF toolchain and test tools (needs root once).
+    Setup,
+    /// Build the eBPF programs.
+    BuildEbpf,
     /// Build everything and run the local demo cluster.
     Demo,
     /// Run formatting and lint checks and the whole test suite.
@@ -91,15 +99,24 @@ fn main() -> Result<()> {
         .to_path_buf();
     std::env::set_current_dir(&root)?;
     match Cli::parse().task {
-        Task::Demo => run(cargo().args([
-            "run",
-            "--release",
-            "-p",
-            "sluice-tests",
-            "--bin",
-            "sluice-demo",
-        ])),
+        Task::Setup => setup(),
+        Task::BuildEbpf => build_ebpf(&root),
+        Task::Demo => {
+            setup()?;
+            build_ebpf(&root)?;
+            run(cargo().args(["build", "--release", "-p", "node-agent"]))?;
+            run(cargo().args([
+                "run",
+                "--release",
+                "-p",
+                "sluice-tests",
+                "--bin",
+                "sluice-demo",
+            ]))
+        }
         Task::Test { no_lint } => {
+            setup()?;
+            build_ebpf(&root)?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--check"]))?;
                 run(cargo().args([
@@ -114,4 +131,115 @@ fn main() -> Result<()> {
             run_tests(cargo().args(["test", "--workspace"]))
         }
     }
+}
+
+/// Debian packages the eBPF build and the namespace tests need.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+];
+
+fn apt_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn cargo_bin_dir() -> std::path::PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cargo")
+        });
+    home.join("bin")
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing Debian packages {missing:?}");
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let linker = cargo_bin_dir().join("bpf-linker");
+    if !linker.exists() {
+        eprintln!("xtask: building bpf-linker against Debian's LLVM 22 (about a minute)");
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path)
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+/// Where the agent looks for the eBPF object by default.
+fn ebpf_object(root: &std::path::Path) -> std::path::PathBuf {
+    root.join("target/ebpf/sluice-ebpf.o")
+}
+
+fn build_ebpf(root: &std::path::Path) -> Result<()> {
+    let dir = root.join("ebpf/programs");
+    let path = format!(
+        "{}:{}",
+        cargo_bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // Debian's compiler (with its core source) builds for bpfel-unknown-none;
+    // nothing of the outer rustup toolchain may leak in.
+    let mut cmd = Command::new("/usr/bin/cargo");
+    cmd.current_dir(&dir)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("PATH", path);
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd)?;
+    let built = dir.join("target/bpfel-unknown-none/release/sluice-ebpf");
+    let out = ebpf_object(root);
+    std::fs::create_dir_all(out.parent().context("target dir")?)?;
+    std::fs::copy(&built, &out)
+        .with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
+    eprintln!("xtask: eBPF object at {}", out.display());
+    Ok(())
 }

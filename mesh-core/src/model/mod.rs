@@ -61,6 +61,11 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The pod's network namespace (a name under `/var/run/netns` or a
+    /// path), for agents that capture with eBPF. Without it the agent serves
+    /// the workload from its own namespace, on the workload's IPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 fn default_service_account() -> String {

@@ -1,0 +1,105 @@
+//! Map keys and values shared by Sluice's eBPF programs and the node agent.
+//! `no_std`, `repr(C)`, explicit padding (zeroed, since keys are compared
+//! byte for byte). Addresses are 16 bytes in network order, IPv4 as
+//! IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one key type serves both
+//! families.
+#![no_std]
+
+/// Map names, as the programs declare them and the agent opens them.
+pub mod maps {
+    /// netns cookie → [`super::Enrolled`]: pod network namespaces to capture.
+    pub const ENROLLED: &str = "SLUICE_ENROLLED";
+    /// socket cookie → [`super::OrigDst`]: set by connect4/6, moved to
+    /// [`ORIG_DST`] once the source port is known.
+    pub const PENDING: &str = "SLUICE_PENDING";
+    /// [`super::ConnKey`] → [`super::OrigDst`]: what the agent looks up for
+    /// an accepted connection.
+    pub const ORIG_DST: &str = "SLUICE_ORIG_DST";
+    /// [`super::IpKey`] (pod IP) → inbound plaintext listener (SOCKHASH).
+    pub const INBOUND_LISTENERS: &str = "SLUICE_INBOUND";
+    /// [`super::IpKey`] (pod IP) → u32 flags: pods whose inbound is captured
+    /// (a pod here with no listener gets its connections dropped).
+    pub const INBOUND_PODS: &str = "SLUICE_INBOUND_PODS";
+    /// Array of u32 settings, indexed by [`super::config`].
+    pub const CONFIG: &str = "SLUICE_CONFIG";
+}
+
+/// Indices into the CONFIG array.
+pub mod config {
+    /// SO_MARK the agent puts on its own sockets: never redirected.
+    pub const AGENT_MARK: u32 = 0;
+    /// Outbound capture port (15001).
+    pub const OUTBOUND_PORT: u32 = 1;
+    /// Inbound plaintext port (15006).
+    pub const INBOUND_PORT: u32 = 2;
+    /// HBONE port (15008): reaches the agent directly.
+    pub const HBONE_PORT: u32 = 3;
+    pub const LEN: u32 = 4;
+}
+
+/// Capacity of the connection-tracking maps (LRU: they cannot grow beyond).
+pub const CONN_MAP_SIZE: u32 = 65536;
+/// Capacity of the per-pod maps.
+pub const POD_MAP_SIZE: u32 = 4096;
+
+/// Source address the agent uses to reach applications inside a pod, so the
+/// inbound capture lets those connections through (as Istio's 127.0.0.6).
+pub const AGENT_INBOUND_SOURCE_V4: [u8; 4] = [127, 0, 0, 6];
+
+/// Value of the ENROLLED map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enrolled {
+    /// Reserved for per-pod options.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// An original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network order, IPv4-mapped for IPv4.
+    pub ip: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A client connection as the agent sees it from the accepting side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnKey {
+    /// Network namespace (cookie) of the connection.
+    pub netns: u64,
+    /// Client (source) address, network order, IPv4-mapped for IPv4.
+    pub ip: [u8; 16],
+    /// Client port, host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A pod IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpKey {
+    pub ip: [u8; 16],
+}
+
+/// The IPv4-mapped form of an IPv4 address given as its 4 bytes.
+#[inline(always)]
+pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are repr(C), Copy, contain only integers and
+    // explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Enrolled {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::IpKey {}
+}

@@ -1,0 +1,270 @@
+//! Sluice's traffic capture, in the kernel.
+//!
+//! Outbound: `connect4`/`connect6` (cgroup, attached at the cgroup root) see
+//! every TCP `connect()`. From a network namespace in ENROLLED, and not from
+//! a socket carrying the agent's mark, the destination is recorded under the
+//! socket cookie and rewritten to the agent's outbound listener on the pod's
+//! own loopback. `sock_ops` then moves the record to the (netns, source
+//! address, source port) key the agent can compute from the accepted socket.
+//!
+//! Inbound: `sk_lookup` (attached to each enrolled pod's namespace) hands
+//! TCP connections to the pod's IP to the agent's inbound plaintext listener,
+//! except HBONE and the agent's own ports and connections the agent itself
+//! makes to the application. A captured pod with no listener (agent down)
+//! gets its connections dropped: fail closed.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+use sluice_ebpf_common::{
+    AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, Enrolled, IpKey, OrigDst, POD_MAP_SIZE, config, v4_mapped,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// cgroup/connect verdicts.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+
+#[map(name = "SLUICE_ENROLLED")]
+static ENROLLED: HashMap<u64, Enrolled> = HashMap::pinned(POD_MAP_SIZE, 0);
+
+#[map(name = "SLUICE_PENDING")]
+static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(CONN_MAP_SIZE, 0);
+
+#[map(name = "SLUICE_ORIG_DST")]
+static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(CONN_MAP_SIZE, 0);
+
+#[map(name = "SLUICE_INBOUND")]
+static INBOUND: SockHash<IpKey> = SockHash::pinned(POD_MAP_SIZE, 0);
+
+#[map(name = "SLUICE_INBOUND_PODS")]
+static INBOUND_PODS: HashMap<IpKey, u32> = HashMap::pinned(POD_MAP_SIZE, 0);
+
+#[map(name = "SLUICE_CONFIG")]
+static CONFIG: Array<u32> = Array::pinned(config::LEN, 0);
+
+#[inline(always)]
+fn setting(i: u32) -> u32 {
+    CONFIG.get(i).copied().unwrap_or(0)
+}
+
+/// Whether this `connect()` must be captured; records the destination if so.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, orig: OrigDst) -> Result<bool, ()> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
+    let protocol = unsafe { (*sa).protocol };
+    if protocol != IPPROTO_TCP {
+        return Ok(false);
+    }
+    // SAFETY: valid context pointer, helper allowed for cgroup_sock_addr.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { ENROLLED.get(&netns) }.is_none() {
+        return Ok(false);
+    }
+    // SAFETY: sock_addr programs always have a non-null socket.
+    let mark = unsafe { (*(*sa).__bindgen_anon_1.sk).mark };
+    let agent_mark = setting(config::AGENT_MARK);
+    if agent_mark != 0 && mark == agent_mark {
+        return Ok(false);
+    }
+    // SAFETY: valid context pointer, helper allowed for cgroup_sock_addr.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    PENDING.insert(&cookie, &orig, 0).map_err(|_| ())?;
+    Ok(true)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
+    let (ip4, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let ip = ip4.to_ne_bytes();
+    if ip[0] == 127 {
+        // The pod's own loopback stays inside the pod.
+        return ALLOW;
+    }
+    let port = u16::from_be(port_be);
+    let orig = OrigDst { ip: v4_mapped(ip), port, _pad: [0; 6] };
+    match capture(&ctx, orig) {
+        Ok(false) => ALLOW,
+        Ok(true) => {
+            let outbound = setting(config::OUTBOUND_PORT) as u16;
+            // SAFETY: user_ip4/user_port are writable in connect4.
+            unsafe {
+                (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+                (*sa).user_port = outbound.to_be() as u32;
+            }
+            debug!(&ctx, "captured connect to {:i}:{}", u32::from_be(ip4), port);
+            ALLOW
+        }
+        Err(()) => {
+            warn!(&ctx, "cannot record original destination; refusing connect (fail closed)");
+            REJECT
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
+    let (w, port_be) = unsafe { ((*sa).user_ip6, (*sa).user_port as u16) };
+    let mut ip = [0u8; 16];
+    for i in 0..4 {
+        let b = w[i].to_ne_bytes();
+        ip[i * 4..i * 4 + 4].copy_from_slice(&b);
+    }
+    let mapped = ip[..10] == [0u8; 10] && ip[10] == 0xff && ip[11] == 0xff;
+    let loopback6 = ip[..15] == [0u8; 15] && ip[15] == 1;
+    if loopback6 || (mapped && ip[12] == 127) {
+        return ALLOW;
+    }
+    let port = u16::from_be(port_be);
+    let orig = OrigDst { ip, port, _pad: [0; 6] };
+    match capture(&ctx, orig) {
+        Ok(false) => ALLOW,
+        Ok(true) => {
+            let outbound = setting(config::OUTBOUND_PORT) as u16;
+            let to: [u8; 16] = if mapped { v4_mapped([127, 0, 0, 1]) } else { [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] };
+            // SAFETY: user_ip6 words and user_port are writable in connect6.
+            unsafe {
+                for i in 0..4 {
+                    (*sa).user_ip6[i] = u32::from_ne_bytes([to[i * 4], to[i * 4 + 1], to[i * 4 + 2], to[i * 4 + 3]]);
+                }
+                (*sa).user_port = outbound.to_be() as u32;
+            }
+            debug!(&ctx, "captured IPv6 connect to port {}", port);
+            ALLOW
+        }
+        Err(()) => {
+            warn!(&ctx, "cannot record original destination; refusing connect (fail closed)");
+            REJECT
+        }
+    }
+}
+
+#[sock_ops]
+pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // SAFETY: valid context pointer, helper allowed for sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
+        return 1;
+    };
+    // SAFETY: valid context pointer, helper allowed for sock_ops (5.15+).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // Every context field is read once, at its fixed offset: the verifier
+    // rejects context loads at computed offsets, which is what the optimiser
+    // makes of a per-family branch.
+    let ops = ctx.ops;
+    // SAFETY: valid bpf_sock_ops; all these fields are readable in sock_ops.
+    let (family, ip4, w, port) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ops).family),
+            core::ptr::read_volatile(&(*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*ops).local_port),
+        )
+    };
+    let mut ip = [0u8; 16];
+    match family {
+        AF_INET => ip = v4_mapped(ip4.to_ne_bytes()),
+        AF_INET6 => {
+            for i in 0..4 {
+                let b = w[i].to_ne_bytes();
+                ip[i * 4..i * 4 + 4].copy_from_slice(&b);
+            }
+        }
+        _ => return 1,
+    }
+    let key = ConnKey { netns, ip, port: port as u16, _pad: [0; 6] };
+    if ORIG_DST.insert(&key, &orig, 0).is_err() {
+        warn!(&ctx, "cannot store original destination");
+    }
+    let _ = PENDING.remove(&cookie);
+    1
+}
+
+#[sk_lookup]
+pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: the kernel passes a valid bpf_sk_lookup for the program's run.
+    let (protocol, family, local_port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };
+    if protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    let port = local_port;
+    if port == setting(config::HBONE_PORT)
+        || port == setting(config::INBOUND_PORT)
+        || port == setting(config::OUTBOUND_PORT)
+    {
+        return sk_action::SK_PASS;
+    }
+    let mut ip = [0u8; 16];
+    if family == AF_INET {
+        // SAFETY: as above.
+        let (local, remote) = unsafe { ((*l).local_ip4.to_ne_bytes(), (*l).remote_ip4.to_ne_bytes()) };
+        if local[0] == 127 || remote == AGENT_INBOUND_SOURCE_V4 {
+            return sk_action::SK_PASS;
+        }
+        ip = v4_mapped(local);
+    } else if family == AF_INET6 {
+        // SAFETY: as above.
+        let (w, r) = unsafe { ((*l).local_ip6, (*l).remote_ip6) };
+        for i in 0..4 {
+            let b = w[i].to_ne_bytes();
+            ip[i * 4..i * 4 + 4].copy_from_slice(&b);
+        }
+        // ::1 and the agent's source ::6 pass.
+        if (w[0] | w[1] | w[2]) == 0 && (w[3] == 1u32.to_be()) {
+            return sk_action::SK_PASS;
+        }
+        if (r[0] | r[1] | r[2]) == 0 && r[3] == 6u32.to_be() {
+            return sk_action::SK_PASS;
+        }
+    } else {
+        return sk_action::SK_PASS;
+    }
+    let key = IpKey { ip };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { INBOUND_PODS.get(&key) }.is_none() {
+        return sk_action::SK_PASS;
+    }
+    match INBOUND.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        Err(_) => {
+            warn!(&ctx, "inbound listener missing for a captured pod; dropping (fail closed)");
+            sk_action::SK_DROP
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

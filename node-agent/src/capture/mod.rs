@@ -1,0 +1,432 @@
+//! Loading and driving the eBPF capture programs (see `ebpf/`).
+//!
+//! - `connect4`/`connect6`/`sock_ops` are attached once at the cgroup2 root;
+//!   `sk_lookup` per enrolled pod namespace. Every link and map is pinned
+//!   under a per-node bpffs directory, so capture outlives the agent: with the
+//!   agent down, enrolled pods' connections are redirected to listeners that
+//!   no longer exist and fail (fail closed) instead of leaving in clear text.
+//! - On start the agent reuses the pinned maps, replaces the pinned links
+//!   with its freshly loaded programs (attach new, then drop old: no window
+//!   without capture), clears connection records from before the restart,
+//!   and drops enrollments that the model no longer wants.
+//! - `aya-log` records from the programs are forwarded to `tracing`.
+
+pub mod netns;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockHash};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use sluice_ebpf_common::{config, maps, ConnKey, Enrolled, IpKey, OrigDst};
+use tokio::net::TcpStream;
+
+use crate::orig_dst::OriginalDestination;
+use netns::Netns;
+
+/// Where the programs come from and where they are attached and pinned.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// The compiled eBPF object (`cargo xtask build-ebpf`).
+    pub object: PathBuf,
+    /// Per-node bpffs directory for pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// The cgroup2 directory the socket programs attach to (the root covers
+    /// every pod).
+    pub cgroup: PathBuf,
+    /// SO_MARK on the agent's own sockets inside pods.
+    pub mark: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub hbone_port: u16,
+}
+
+/// Why capture could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("reading eBPF object {path}: {source}")]
+    Object {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("loading eBPF programs: {}", chain(.0))]
+    Load(aya::EbpfError),
+    #[error("eBPF program {name}: {}", chain(.0), name = .1)]
+    Program(aya::programs::ProgramError, &'static str),
+    #[error("eBPF map {name}: {}", chain(.0), name = .1)]
+    Map(aya::maps::MapError, &'static str),
+    #[error("pinning {path}: {reason}")]
+    Pin { path: String, reason: String },
+    #[error("eBPF program or map {0} missing from the object")]
+    Missing(&'static str),
+}
+
+/// An error and its causes on one line (aya keeps the OS error as a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CaptureError {
+    let what = what.into();
+    move |source| CaptureError::Io { what, source }
+}
+
+struct Maps {
+    enrolled: BpfHashMap<MapData, u64, Enrolled>,
+    orig: BpfHashMap<MapData, ConnKey, OrigDst>,
+    pending: BpfHashMap<MapData, u64, OrigDst>,
+    inbound: SockHash<MapData, IpKey>,
+    inbound_pods: BpfHashMap<MapData, IpKey, u32>,
+}
+
+/// The loaded capture programs of this node.
+pub struct Capture {
+    cfg: CaptureConfig,
+    ebpf: Mutex<Ebpf>,
+    maps: Mutex<Maps>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// 16-byte, network-order, IPv4-mapped form of an address.
+pub fn ip_key(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn ip_from_key(b: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(b);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Mount bpffs at `/sys/fs/bpf` if nothing is mounted there.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(io_err("reading /proc/self/mounts"))?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next(), f.next(), f.next());
+        kind == Some("bpf") && at.is_some_and(|at| pin_dir.starts_with(at))
+    });
+    if !mounted {
+        let root = Path::new("/sys/fs/bpf");
+        std::fs::create_dir_all(root).map_err(io_err("creating /sys/fs/bpf"))?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| CaptureError::Io {
+            what: "mounting bpffs at /sys/fs/bpf".into(),
+            source: e.into(),
+        })?;
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(pin_dir.join("links"))
+        .map_err(io_err(format!("creating {}", pin_dir.display())))
+}
+
+impl Capture {
+    /// Load the programs, reuse pinned maps, (re)attach and pin the socket
+    /// programs at the cgroup root.
+    pub fn load(cfg: CaptureConfig) -> Result<Capture, CaptureError> {
+        ensure_bpffs(&cfg.pin_dir)?;
+        let bytes = std::fs::read(&cfg.object).map_err(|source| CaptureError::Object {
+            path: cfg.object.display().to_string(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_dir)
+            .load(&bytes)
+            .map_err(CaptureError::Load)?;
+        start_log_forwarding(&mut ebpf);
+
+        let mut conf: Array<_, u32> = Array::try_from(
+            ebpf.map_mut(maps::CONFIG)
+                .ok_or(CaptureError::Missing(maps::CONFIG))?,
+        )
+        .map_err(|e| CaptureError::Map(e, maps::CONFIG))?;
+        for (i, v) in [
+            (config::AGENT_MARK, cfg.mark),
+            (config::OUTBOUND_PORT, cfg.outbound_port as u32),
+            (config::INBOUND_PORT, cfg.inbound_port as u32),
+            (config::HBONE_PORT, cfg.hbone_port as u32),
+        ] {
+            conf.set(i, v, 0)
+                .map_err(|e| CaptureError::Map(e, maps::CONFIG))?;
+        }
+
+        // bpf_link attachments always stack (the kernel rejects the
+        // ALLOW_MULTI flag for links), so "Single" still coexists with other
+        // agents' and tools' programs on the same cgroup.
+        let cgroup = std::fs::File::open(&cfg.cgroup)
+            .map_err(io_err(format!("opening cgroup {}", cfg.cgroup.display())))?;
+        for name in ["sluice_connect4", "sluice_connect6"] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| CaptureError::Program(e, name))?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| CaptureError::Program(e, name))?;
+            let link = FdLink::try_from(
+                prog.take_link(id)
+                    .map_err(|e| CaptureError::Program(e, name))?,
+            )
+            .map_err(|e| CaptureError::Pin {
+                path: name.into(),
+                reason: e.to_string(),
+            })?;
+            replace_pin(&cfg.pin_dir.join("links").join(name), link)?;
+        }
+        {
+            let name = "sluice_sockops";
+            let prog: &mut SockOps = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| CaptureError::Program(e, name))?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| CaptureError::Program(e, name))?;
+            let link = FdLink::try_from(
+                prog.take_link(id)
+                    .map_err(|e| CaptureError::Program(e, name))?,
+            )
+            .map_err(|e| CaptureError::Pin {
+                path: name.into(),
+                reason: e.to_string(),
+            })?;
+            replace_pin(&cfg.pin_dir.join("links").join(name), link)?;
+        }
+        {
+            let prog: &mut SkLookup = program(&mut ebpf, "sluice_sk_lookup")?;
+            prog.load()
+                .map_err(|e| CaptureError::Program(e, "sluice_sk_lookup"))?;
+        }
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(CaptureError::Missing(name))
+        };
+        let mut m = Maps {
+            enrolled: BpfHashMap::try_from(take(&mut ebpf, maps::ENROLLED)?)
+                .map_err(|e| CaptureError::Map(e, maps::ENROLLED))?,
+            orig: BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?)
+                .map_err(|e| CaptureError::Map(e, maps::ORIG_DST))?,
+            pending: BpfHashMap::try_from(take(&mut ebpf, maps::PENDING)?)
+                .map_err(|e| CaptureError::Map(e, maps::PENDING))?,
+            inbound: SockHash::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?)
+                .map_err(|e| CaptureError::Map(e, maps::INBOUND_LISTENERS))?,
+            inbound_pods: BpfHashMap::try_from(take(&mut ebpf, maps::INBOUND_PODS)?)
+                .map_err(|e| CaptureError::Map(e, maps::INBOUND_PODS))?,
+        };
+        // Records of connections from before this start can never be
+        // claimed: those connections failed with the previous agent.
+        let stale: Vec<ConnKey> = m.orig.keys().filter_map(Result::ok).collect();
+        for k in &stale {
+            let _ = m.orig.remove(k);
+        }
+        let stale: Vec<u64> = m.pending.keys().filter_map(Result::ok).collect();
+        for k in &stale {
+            let _ = m.pending.remove(k);
+        }
+        tracing::info!(pin_dir = %cfg.pin_dir.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
+        Ok(Capture {
+            cfg,
+            ebpf: Mutex::new(ebpf),
+            maps: Mutex::new(m),
+        })
+    }
+
+    /// Capture a pod: its namespace's outbound connections and inbound
+    /// connections to `ips`, which go to `inbound_listener` (15006).
+    pub fn enroll(
+        &self,
+        ns: &Netns,
+        ips: &[IpAddr],
+        inbound_listener: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        let link_path = self.sk_lookup_pin(ns.cookie());
+        {
+            let mut ebpf = lock(&self.ebpf);
+            let prog: &mut SkLookup = program(&mut ebpf, "sluice_sk_lookup")?;
+            let id = prog
+                .attach(ns.file())
+                .map_err(|e| CaptureError::Program(e, "sluice_sk_lookup"))?;
+            let link = FdLink::from(
+                prog.take_link(id)
+                    .map_err(|e| CaptureError::Program(e, "sluice_sk_lookup"))?,
+            );
+            replace_pin(&link_path, link)?;
+        }
+        let mut m = lock(&self.maps);
+        for ip in ips {
+            let key = IpKey { ip: ip_key(*ip) };
+            m.inbound
+                .insert(key, inbound_listener.as_raw_fd(), 0)
+                .map_err(|e| CaptureError::Map(e, maps::INBOUND_LISTENERS))?;
+            m.inbound_pods
+                .insert(key, 1, 0)
+                .map_err(|e| CaptureError::Map(e, maps::INBOUND_PODS))?;
+        }
+        m.enrolled
+            .insert(ns.cookie(), Enrolled { flags: 0, _pad: 0 }, 0)
+            .map_err(|e| CaptureError::Map(e, maps::ENROLLED))?;
+        Ok(())
+    }
+
+    /// Stop capturing a pod: its traffic flows directly again.
+    pub fn unenroll(&self, netns_cookie: u64, ips: &[IpAddr]) {
+        let mut m = lock(&self.maps);
+        let _ = m.enrolled.remove(&netns_cookie);
+        for ip in ips {
+            let key = IpKey { ip: ip_key(*ip) };
+            let _ = m.inbound_pods.remove(&key);
+            let _ = m.inbound.remove(&key);
+        }
+        drop(m);
+        let _ = std::fs::remove_file(self.sk_lookup_pin(netns_cookie));
+    }
+
+    /// Remove enrollments (from before a restart) of namespaces and pod IPs
+    /// not in `keep_ns` / `keep_ips`.
+    pub fn prune(&self, keep_ns: &HashSet<u64>, keep_ips: &HashSet<IpAddr>) {
+        let mut m = lock(&self.maps);
+        let stale: Vec<u64> = m
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep_ns.contains(k))
+            .collect();
+        for k in &stale {
+            let _ = m.enrolled.remove(k);
+            let _ = std::fs::remove_file(self.sk_lookup_pin(*k));
+            tracing::info!(netns_cookie = k, "removed stale enrollment");
+        }
+        let stale: Vec<IpKey> = m
+            .inbound_pods
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep_ips.contains(&ip_from_key(k.ip)))
+            .collect();
+        for k in &stale {
+            let _ = m.inbound_pods.remove(k);
+            let _ = m.inbound.remove(k);
+        }
+    }
+
+    /// Enrolled namespace cookies (for the dump and tests).
+    pub fn enrolled_namespaces(&self) -> Vec<u64> {
+        lock(&self.maps)
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
+    }
+
+    /// Entries in the connection-tracking maps (a leak detector).
+    pub fn tracked_connections(&self) -> usize {
+        let m = lock(&self.maps);
+        m.orig.keys().count() + m.pending.keys().count()
+    }
+
+    pub fn config(&self) -> &CaptureConfig {
+        &self.cfg
+    }
+
+    fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {
+        self.cfg
+            .pin_dir
+            .join("links")
+            .join(format!("sk_lookup_{netns_cookie}"))
+    }
+}
+
+impl OriginalDestination for Capture {
+    fn take(&self, conn: &TcpStream) -> Option<SocketAddr> {
+        let peer = conn.peer_addr().ok()?;
+        let netns = netns::netns_cookie(conn).ok()?;
+        let key = ConnKey {
+            netns,
+            ip: ip_key(peer.ip()),
+            port: peer.port(),
+            _pad: [0; 6],
+        };
+        let mut m = lock(&self.maps);
+        let orig = m.orig.get(&key, 0).ok()?;
+        let _ = m.orig.remove(&key);
+        Some(SocketAddr::new(ip_from_key(orig.ip), orig.port))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(CaptureError::Missing(name))?;
+    p.try_into().map_err(|e| CaptureError::Program(e, name))
+}
+
+/// Pin `link` at `path`, detaching whatever link was pinned there before —
+/// after the new one is attached, so capture never has a gap.
+fn replace_pin(path: &Path, link: FdLink) -> Result<(), CaptureError> {
+    let old = PinnedLink::from_pin(path).ok();
+    if old.is_some() {
+        let _ = std::fs::remove_file(path);
+    }
+    link.pin(path).map_err(|e| CaptureError::Pin {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    // Dropping the old link's last reference detaches its program.
+    drop(old);
+    Ok(())
+}
+
+/// Forward the programs' aya-log records to `tracing` (through the `log`
+/// facade, which tracing-subscriber captures).
+fn start_log_forwarding(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        // SAFETY: the logger owns its ring buffer's fd for as long as it
+        // lives, and the AsyncFd owns the logger: the fd stays open while
+        // registered.
+        Ok(logger) => match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        } {
+            Ok(mut fd) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(mut guard) = fd.readable_mut().await else {
+                            return;
+                        };
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot poll eBPF logs"),
+        },
+        Err(e) => tracing::warn!(error = %e, "eBPF logs unavailable"),
+    }
+}

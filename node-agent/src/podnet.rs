@@ -1,0 +1,82 @@
+//! Where a local workload's sockets live. `Host`: the agent's own network
+//! namespace, on the workload's IPs (loopback demos and tests). `Netns`: the
+//! pod's own namespace, entered with `setns` to create listeners and the
+//! connections to the application — the in-pod model, independent of the
+//! CNI.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::capture::netns::Netns;
+
+/// A workload's network placement.
+#[derive(Debug, Clone)]
+pub enum PodNet {
+    Host,
+    Netns(Arc<Netns>),
+}
+
+fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+impl PodNet {
+    fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        match self {
+            PodNet::Host => f(),
+            PodNet::Netns(ns) => ns.run(f)?,
+        }
+    }
+
+    /// Listen on `addr` in this workload's namespace.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let std = self.run(|| {
+            let s = new_socket(&addr)?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(std::net::TcpListener::from(s))
+        })?;
+        TcpListener::from_std(std)
+    }
+
+    /// Connect to the application at `target`. Inside a pod namespace the
+    /// socket carries the agent's mark (so outbound capture skips it) and
+    /// comes from 127.0.0.6 (so inbound capture skips it), as Istio does.
+    pub async fn connect_app(&self, target: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+        let sock = self.run(|| {
+            let s = new_socket(&target)?;
+            if let PodNet::Netns(_) = self {
+                if mark != 0 {
+                    s.set_mark(mark)?;
+                }
+                if target.is_ipv4() {
+                    let src =
+                        IpAddr::V4(Ipv4Addr::from(sluice_ebpf_common::AGENT_INBOUND_SOURCE_V4));
+                    s.bind(&SocketAddr::new(src, 0).into())?;
+                }
+            }
+            Ok(s)
+        })?;
+        TcpSocket::from_std_stream(std::net::TcpStream::from(sock))
+            .connect(target)
+            .await
+    }
+
+    /// Whether this is a pod namespace.
+    pub fn netns(&self) -> Option<&Arc<Netns>> {
+        match self {
+            PodNet::Netns(ns) => Some(ns),
+            PodNet::Host => None,
+        }
+    }
+}

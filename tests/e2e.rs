@@ -1,0 +1,296 @@
+//! End to end on the real kernel: nodes and pods are network namespaces,
+//! agents are real `sluice-agent` processes with eBPF capture. Needs root
+//! (`cargo xtask test` runs these as root and requires them).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sluice_tests::netns::*;
+use sluice_tests::{metric, write_atomic};
+
+const MARKER: &[u8] = b"SLUICE-PLAINTEXT-MARKER-7f3a";
+
+/// node-a: client (.1), web (.2), outsider (.3, opted out); node-b: server (.1).
+fn cluster() -> Topology {
+    let mut t = Topology::new();
+    t.add_node("node-a");
+    t.add_node("node-b");
+    t.add_pod("node-a", "client", 1);
+    t.add_pod("node-a", "web", 2);
+    t.add_pod("node-a", "outsider", 3);
+    t.add_pod("node-b", "server", 1);
+    write_mesh(&t, true);
+    for p in ["web", "outsider", "server"] {
+        echo_in(t.pod(p), 8080);
+    }
+    t.start_agent("node-a");
+    t.start_agent("node-b");
+    t
+}
+
+/// The mesh file; `client_enrolled` toggles the client's opt-out label.
+fn write_mesh(t: &Topology, client_enrolled: bool) {
+    let mut y = String::from("nodes: [{name: node-a}, {name: node-b}]\nworkloads:\n");
+    for p in &t.pods {
+        let mut labels = format!("app: {}", p.name);
+        if p.name == "outsider" || (p.name == "client" && !client_enrolled) {
+            labels.push_str(", istio.io/dataplane-mode: none");
+        }
+        y.push_str(&format!(
+            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\"], netns: {ns}, labels: {{{labels}}}}}\n",
+            n = p.name,
+            node = p.node,
+            ip = p.ip,
+            ns = p.ns
+        ));
+    }
+    y.push_str("services:\n  - {name: server, namespace: shop, vips: [\"10.96.0.10\"], ports: [{port: 80, targetPort: 8080}], selector: {app: server}}\n");
+    write_atomic(&t.mesh_file(), &y);
+}
+
+fn addr(t: &Topology, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(t.pod(pod).ip, port)
+}
+
+fn payload() -> Vec<u8> {
+    let mut v = MARKER.to_vec();
+    v.extend(std::iter::repeat_n(b'x', 20000));
+    v.extend_from_slice(MARKER);
+    v
+}
+
+#[test]
+fn captured_traffic_crosses_nodes_over_mtls_and_never_in_clear() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let client = t.pod("client").clone();
+    let sniff_a = Sniffer::start(&t.node("node-a").ns, MARKER);
+    let sniff_b = Sniffer::start(&t.node("node-b").ns, MARKER);
+
+    // Cross node, same node, and through the service VIP.
+    for dst in [
+        addr(&t, "server", 8080),
+        addr(&t, "web", 8080),
+        "10.96.0.10:80".parse().unwrap(),
+    ] {
+        let back = exchange(&client, dst, payload())
+            .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", t.agent_log("node-a")));
+        assert_eq!(back, payload(), "{dst}");
+    }
+    assert!(
+        !sniff_a.finish(),
+        "plaintext seen in node-a's namespace\n{}\n{}",
+        t.agent_log("node-a"),
+        t.metrics("node-a")
+    );
+    assert!(!sniff_b.finish(), "plaintext seen in node-b's namespace");
+
+    // The destination agents saw the client's verified identity.
+    let src = r#"source_principal="spiffe://cluster.local/ns/shop/sa/client""#;
+    let mtls = r#"connection_security_policy="mutual_tls""#;
+    let dst_b = r#"destination_principal="spiffe://cluster.local/ns/shop/sa/server""#;
+    let b = t.metrics("node-b");
+    assert_eq!(
+        metric(
+            &b,
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="destination""#, src, dst_b, mtls]
+        ),
+        2,
+        "{b}"
+    );
+    let a = t.metrics("node-a");
+    let dst_web = r#"destination_principal="spiffe://cluster.local/ns/shop/sa/web""#;
+    assert_eq!(
+        metric(
+            &a,
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="destination""#, src, dst_web, mtls]
+        ),
+        1,
+        "{a}"
+    );
+    assert_eq!(
+        metric(
+            &a,
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="source""#, src]
+        ),
+        3,
+        "{a}"
+    );
+
+    // Records were claimed: nothing left in the connection maps.
+    let dump = t.config_dump("node-a");
+    assert_eq!(dump["capture"]["trackedConnections"], 0, "{dump}");
+    // aya-log records from the eBPF programs reach the agent's log.
+    assert!(
+        t.agent_log("node-a")
+            .contains("captured connect to 10.1.2.1:8080"),
+        "{}",
+        t.agent_log("node-a")
+    );
+
+    // Control: the sniffer does see plaintext from a pod outside the mesh.
+    let sniff = Sniffer::start(&t.node("node-b").ns, MARKER);
+    let back = exchange(t.pod("outsider"), addr(&t, "server", 8080), payload()).unwrap();
+    assert_eq!(back, payload());
+    assert!(
+        sniff.finish(),
+        "the sniffer must see an uncaptured pod's plaintext"
+    );
+}
+
+#[test]
+fn pods_that_opt_out_are_not_captured_but_their_destination_still_is() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let back = exchange(t.pod("outsider"), addr(&t, "server", 8080), payload()).unwrap();
+    assert_eq!(back, payload());
+    // Not captured on node-a: no outbound connection was reported there.
+    let a = t.metrics("node-a");
+    assert_eq!(
+        metric(
+            &a,
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="source""#]
+        ),
+        0,
+        "{a}"
+    );
+    // Captured inbound on node-b (sk_lookup → 15006), in plaintext: PERMISSIVE.
+    let b = t.metrics("node-b");
+    assert_eq!(
+        metric(
+            &b,
+            "istio_tcp_connections_opened_total",
+            &[
+                r#"reporter="destination""#,
+                r#"connection_security_policy="unknown""#
+            ]
+        ),
+        1,
+        "{b}"
+    );
+}
+
+#[test]
+fn enrollment_follows_the_model_at_run_time_while_traffic_runs() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let client = t.pod("client").clone();
+    let server = addr(&t, "server", 8080);
+    let outbound = |t: &Topology| {
+        metric(
+            &t.metrics("node-a"),
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="source""#],
+        )
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c2, s2) = (client.clone(), stop.clone());
+    // Traffic keeps flowing through every toggle; no connection may fail.
+    let traffic = std::thread::spawn(move || {
+        let mut n = 0;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            let back =
+                exchange(&c2, server, b"ping".to_vec()).expect("connection failed during a toggle");
+            assert_eq!(back, b"ping");
+            n += 1;
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let before = outbound(&t);
+    assert!(before > 0, "captured while enrolled");
+
+    write_mesh(&t, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while t.config_dump("node-a")["enrolled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["name"] == "client")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client not un-enrolled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let off = outbound(&t);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(outbound(&t), off, "captured after un-enrollment");
+
+    write_mesh(&t, true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while outbound(&t) == off {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not captured again after re-enrollment"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = traffic.join().expect("traffic thread");
+    assert!(n > 10, "only {n} connections");
+}
+
+#[test]
+fn agent_down_fails_closed_and_a_restart_recovers_without_stale_state() {
+    if !e2e_available() {
+        return;
+    }
+    let mut t = cluster();
+    let client = t.pod("client").clone();
+    let server = addr(&t, "server", 8080);
+    assert_eq!(exchange(&client, server, b"up".to_vec()).unwrap(), b"up");
+    let enrolled_before = t.config_dump("node-a")["capture"]["enrolledNamespaces"]
+        .as_array()
+        .unwrap()
+        .len();
+
+    t.kill_agent("node-a");
+    // Capture stays pinned: the enrolled pod's connection is redirected to a
+    // listener that is gone, and fails — it does not go out in clear text.
+    let sniff = Sniffer::start(&t.node("node-a").ns, MARKER);
+    let r = exchange(&client, server, payload());
+    assert!(
+        r.is_err(),
+        "an enrolled pod reached {server} with its agent down: {r:?}"
+    );
+    assert!(
+        !sniff.finish(),
+        "plaintext left the pod while the agent was down"
+    );
+    // A pod outside the mesh is unaffected.
+    assert_eq!(
+        exchange(t.pod("outsider"), server, b"still".to_vec()).unwrap(),
+        b"still"
+    );
+
+    t.start_agent("node-a");
+    assert_eq!(
+        exchange(&client, server, b"back".to_vec()).unwrap(),
+        b"back"
+    );
+    let dump = t.config_dump("node-a");
+    assert_eq!(
+        dump["capture"]["enrolledNamespaces"]
+            .as_array()
+            .unwrap()
+            .len(),
+        enrolled_before,
+        "{dump}"
+    );
+    assert_eq!(
+        dump["capture"]["trackedConnections"], 0,
+        "stale records after restart: {dump}"
+    );
+}
