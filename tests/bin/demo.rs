@@ -1,102 +1,166 @@
-//! The local demo: two node agents and a few workloads, traffic between them
-//! (cross node, same node, through a service VIP, and to a host outside the
-//! mesh), and a report of what happened — identities, mTLS, bytes, metrics.
-//! Run it with `cargo xtask demo`.
+//! The local demo (`cargo xtask demo`, as root): two "nodes" and five
+//! "pods" as network namespaces, one real `sluice-agent` per node with eBPF
+//! capture, traffic between pods (cross node, same node, through a service
+//! VIP, and from a pod that opted out), then a report from the agents' own
+//! access logs and metrics. Everything is removed on exit and on Ctrl-C.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::Mutex;
 
-use sluice_tests::*;
+use sluice_tests::netns::{e2e_available, echo_in, exchange, Topology};
+use sluice_tests::write_atomic;
 
-#[tokio::main]
-async fn main() {
-    // Access-log lines (one per connection) go to stdout.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,access=info".into()),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
-    println!("== Sluice local demo: two node agents on loopback addresses ==");
-    let mesh = Mesh::start().await;
-    // A second workload on node A so that same-node traffic has a target.
-    let web = mesh.ip(4);
-    mesh.write_mesh(&mesh_yaml(
-        mesh.block,
-        &format!("  - {{name: web, namespace: shop, serviceAccount: web, node: node-a, ips: [\"{web}\"], labels: {{app: web}}}}"),
-    ));
-    let ready = eventually(std::time::Duration::from_secs(20), || {
-        mesh.a.ctx.enrolled().iter().any(|w| w.name == "web") && mesh.a.ctx.is_ready()
+static TOPOLOGY: Mutex<Option<Topology>> = Mutex::new(None);
+
+fn main() {
+    if !e2e_available() {
+        eprintln!("the demo needs root, the agent binary and the eBPF object: run `cargo xtask demo` as root");
+        std::process::exit(2);
+    }
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: cleaning up");
+        // Dropping the topology stops the agents and removes namespaces and pins.
+        drop(TOPOLOGY.lock().unwrap_or_else(|p| p.into_inner()).take());
+        std::process::exit(130);
     })
-    .await;
-    assert!(ready, "node A did not pick up the web workload");
+    .expect("Ctrl-C handler");
 
-    let server = mesh.server_addr();
-    let web_app = SocketAddr::new(web, APP_PORT);
-    let vip = SocketAddr::new(mesh.ip(10), 80);
-    let outside = SocketAddr::new(mesh.ip(200), 7000);
-    let _servers = [
-        echo_server(server).await,
-        echo_server(web_app).await,
-        echo_server(outside).await,
-    ];
-    for (what, dst) in [
-        ("cross node: client (node-a) -> server (node-b)", server),
-        ("same node:  client (node-a) -> web (node-a)", web_app),
-        ("service:    client -> echo VIP -> an endpoint", vip),
-        ("outside:    client -> a host outside the mesh", outside),
-    ] {
-        let data = Arc::new(payload(256 * 1024, 7));
-        let s = mesh.connect(dst).await.expect("connect");
-        let back = round_trip(s, data.clone()).await.expect("round trip");
-        let ok = if back == *data {
-            "byte-exact"
+    println!("== Sluice demo: 2 nodes, 5 pods, eBPF capture, HBONE/mTLS between node agents ==");
+    let mut t = Topology::new();
+    t.json_logs = true;
+    t.add_node("node-a");
+    t.add_node("node-b");
+    t.add_pod("node-a", "frontend", 1);
+    t.add_pod("node-a", "cart", 2);
+    t.add_pod("node-a", "legacy", 3);
+    t.add_pod("node-b", "reviews", 1);
+    t.add_pod("node-b", "ratings", 2);
+    let mut y = String::from("nodes: [{name: node-a}, {name: node-b}]\nworkloads:\n");
+    for p in &t.pods {
+        let optout = if p.name == "legacy" {
+            ", istio.io/dataplane-mode: none"
         } else {
-            "CORRUPTED"
+            ""
+        };
+        y.push_str(&format!(
+            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\"], netns: {ns}, labels: {{app: {n}{optout}}}}}\n",
+            n = p.name, node = p.node, ip = p.ip, ns = p.ns
+        ));
+    }
+    y.push_str("services:\n  - {name: reviews, namespace: shop, vips: [\"10.96.0.20\"], ports: [{port: 80, targetPort: 8080}], selector: {app: reviews}}\n");
+    write_atomic(&t.mesh_file(), &y);
+    for p in ["cart", "reviews", "ratings"] {
+        echo_in(t.pod(p), 8080);
+    }
+    println!("topology:");
+    for p in &t.pods {
+        println!(
+            "  {:<9} {:<10} on {}  (netns {})",
+            p.name, p.ip, p.node, p.ns
+        );
+    }
+    t.start_agent("node-a");
+    t.start_agent("node-b");
+    println!("agents ready (eBPF attached, certificates issued)\n");
+    let (ip, pod) = (
+        |t: &Topology, n: &str| t.pod(n).ip,
+        |t: &Topology, n: &str| t.pod(n).clone(),
+    );
+    let flows: Vec<(&str, &str, SocketAddr)> = vec![
+        (
+            "cross node",
+            "frontend",
+            SocketAddr::new(ip(&t, "reviews"), 8080),
+        ),
+        (
+            "same node",
+            "frontend",
+            SocketAddr::new(ip(&t, "cart"), 8080),
+        ),
+        ("service VIP", "frontend", "10.96.0.20:80".parse().unwrap()),
+        (
+            "opted-out pod",
+            "legacy",
+            SocketAddr::new(ip(&t, "ratings"), 8080),
+        ),
+    ];
+    *TOPOLOGY.lock().unwrap() = Some(t);
+    for (what, from, dst) in flows {
+        let t = TOPOLOGY.lock().unwrap();
+        let Some(t) = t.as_ref() else { return };
+        let data = vec![b'z'; 100_000];
+        let result = exchange(&pod(t, from), dst, data.clone());
+        let verdict = match &result {
+            Ok(back) if *back == data => "echoed byte-exact".to_string(),
+            Ok(back) => format!("CORRUPTED ({} bytes back)", back.len()),
+            Err(e) => format!("FAILED: {e}"),
         };
         println!(
-            "\n-- {what} ({dst}): sent {} bytes, got {} back, {ok}",
-            data.len(),
-            back.len()
+            "{what:<14} {from} -> {dst}: sent {} bytes, {verdict}",
+            data.len()
         );
-        // Let the access-log lines of both agents print before the next flow.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    std::thread::sleep(std::time::Duration::from_millis(300));
 
-    println!("\n== What the agents' metrics say (istio_tcp_connections_closed_total) ==");
-    for (name, agent) in [("node-a", &mesh.a), ("node-b", &mesh.b)] {
-        let (_, text) = http_get(agent.metrics_addr, "/metrics").await;
-        for line in text
+    let guard = TOPOLOGY.lock().unwrap();
+    let Some(t) = guard.as_ref() else { return };
+    println!("\n== What the agents logged (one access-log line per connection) ==");
+    for node in ["node-a", "node-b"] {
+        for line in t.agent_log(node).lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["target"] != "access" {
+                continue;
+            }
+            let f = |k: &str| {
+                v[k].as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v[k].to_string())
+            };
+            println!(
+                "{node} {:<17} {} ({}) -> {} ({})  mtls={} bytes out/in={}/{}",
+                f("direction"),
+                f("src.workload"),
+                f("src.identity"),
+                f("dst.workload"),
+                f("dst.identity"),
+                f("mtls"),
+                f("bytes_sent"),
+                f("bytes_recv"),
+            );
+        }
+    }
+    println!("\n== Metrics (istio_tcp_connections_opened_total) ==");
+    for node in ["node-a", "node-b"] {
+        for l in t
+            .metrics(node)
             .lines()
-            .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
         {
             let get = |k: &str| {
-                line.split(&format!("{k}=\""))
+                l.split(&format!("{k}=\""))
                     .nth(1)
                     .and_then(|r| r.split('"').next())
                     .unwrap_or("?")
-                    .to_string()
             };
             println!(
-                "{name}: reporter={:<11} {} -> {} (service {}) security={} count={}",
+                "{node} reporter={:<11} {} -> {} security={} count={}",
                 get("reporter"),
-                get("source_principal"),
-                get("destination_principal"),
-                get("destination_service"),
+                get("source_workload"),
+                get("destination_workload"),
                 get("connection_security_policy"),
-                line.rsplit(' ').next().unwrap_or("?"),
+                l.rsplit(' ').next().unwrap_or("?")
             );
         }
-        let pool = agent.pool_stats();
+        let dump = t.config_dump(node);
         println!(
-            "{name}: HBONE pool: {} connection(s) open, {} opened, {} streams opened",
-            pool.connections, pool.connections_opened, pool.streams_opened
+            "{node} enrolled pods: {}, HBONE pool: {}",
+            dump["enrolled"].as_array().map(|a| a.len()).unwrap_or(0),
+            dump["pool"]
         );
     }
-    println!(
-        "\nAdmin: curl http://{}/config_dump (while running). Done; cleaning up.",
-        mesh.a.admin_addr
-    );
+    drop(guard);
+    drop(TOPOLOGY.lock().unwrap().take());
+    println!("\ncleaned up: agents stopped, namespaces and eBPF pins removed");
 }

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -92,13 +92,16 @@ pub fn e2e_available() -> bool {
     }
 }
 
+/// `target/<profile>`: test binaries live in its `deps/`, other binaries
+/// (the demo) directly in it.
 fn workspace_target() -> PathBuf {
-    // The test binary lives in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("own binary path");
+    let dir = exe.parent().expect("binary directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The `sluice-agent` binary of the same build profile.
@@ -146,6 +149,8 @@ pub struct Topology {
     namespaces: Vec<String>,
     pin_root: PathBuf,
     veth: u32,
+    /// Agents log JSON (for tools that read the access log).
+    pub json_logs: bool,
 }
 
 impl Topology {
@@ -160,6 +165,7 @@ impl Topology {
             pods: Vec::new(),
             namespaces: Vec::new(),
             veth: 0,
+            json_logs: false,
         }
     }
 
@@ -340,6 +346,10 @@ impl Topology {
             .arg(self.pin_root.join(node))
             .args(["--reload-interval", "200ms"])
             .env("RUST_LOG", "info,sluice_ebpf=debug")
+            .env(
+                "SLUICE_LOG_FORMAT",
+                if self.json_logs { "json" } else { "text" },
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -119,6 +119,9 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--check"]))?;
+                run(cargo()
+                    .args(["fmt", "--check"])
+                    .current_dir(root.join("ebpf/programs")))?;
                 run(cargo().args([
                     "clippy",
                     "--workspace",
@@ -128,7 +131,15 @@ fn main() -> Result<()> {
                     "warnings",
                 ]))?;
             }
-            run_tests(cargo().args(["test", "--workspace"]))
+            // The end-to-end tests run the real agent binary; as root with the
+            // eBPF object built they must run, not skip.
+            run(cargo().args(["build", "-p", "node-agent", "--bins"]))?;
+            run_tests(
+                cargo()
+                    .args(["test", "--workspace"])
+                    .env("SLUICE_E2E_REQUIRED", "1")
+                    .env("SLUICE_EBPF_OBJECT", ebpf_object(&root)),
+            )
         }
     }
 }

@@ -25,7 +25,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use sluice_ebpf_common::{
-    AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, Enrolled, IpKey, OrigDst, POD_MAP_SIZE, config, v4_mapped,
+    AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, Enrolled, IpKey, OrigDst, POD_MAP_SIZE,
+    config, v4_mapped,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -96,7 +97,11 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let port = u16::from_be(port_be);
-    let orig = OrigDst { ip: v4_mapped(ip), port, _pad: [0; 6] };
+    let orig = OrigDst {
+        ip: v4_mapped(ip),
+        port,
+        _pad: [0; 6],
+    };
     match capture(&ctx, orig) {
         Ok(false) => ALLOW,
         Ok(true) => {
@@ -110,7 +115,10 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
             ALLOW
         }
         Err(()) => {
-            warn!(&ctx, "cannot record original destination; refusing connect (fail closed)");
+            warn!(
+                &ctx,
+                "cannot record original destination; refusing connect (fail closed)"
+            );
             REJECT
         }
     }
@@ -132,16 +140,29 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let port = u16::from_be(port_be);
-    let orig = OrigDst { ip, port, _pad: [0; 6] };
+    let orig = OrigDst {
+        ip,
+        port,
+        _pad: [0; 6],
+    };
     match capture(&ctx, orig) {
         Ok(false) => ALLOW,
         Ok(true) => {
             let outbound = setting(config::OUTBOUND_PORT) as u16;
-            let to: [u8; 16] = if mapped { v4_mapped([127, 0, 0, 1]) } else { [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] };
+            let to: [u8; 16] = if mapped {
+                v4_mapped([127, 0, 0, 1])
+            } else {
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+            };
             // SAFETY: user_ip6 words and user_port are writable in connect6.
             unsafe {
                 for i in 0..4 {
-                    (*sa).user_ip6[i] = u32::from_ne_bytes([to[i * 4], to[i * 4 + 1], to[i * 4 + 2], to[i * 4 + 3]]);
+                    (*sa).user_ip6[i] = u32::from_ne_bytes([
+                        to[i * 4],
+                        to[i * 4 + 1],
+                        to[i * 4 + 2],
+                        to[i * 4 + 3],
+                    ]);
                 }
                 (*sa).user_port = outbound.to_be() as u32;
             }
@@ -149,7 +170,10 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             ALLOW
         }
         Err(()) => {
-            warn!(&ctx, "cannot record original destination; refusing connect (fail closed)");
+            warn!(
+                &ctx,
+                "cannot record original destination; refusing connect (fail closed)"
+            );
             REJECT
         }
     }
@@ -197,7 +221,12 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         }
         _ => return 1,
     }
-    let key = ConnKey { netns, ip, port: port as u16, _pad: [0; 6] };
+    let key = ConnKey {
+        netns,
+        ip,
+        port: port as u16,
+        _pad: [0; 6],
+    };
     if ORIG_DST.insert(&key, &orig, 0).is_err() {
         warn!(&ctx, "cannot store original destination");
     }
@@ -223,7 +252,8 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     let mut ip = [0u8; 16];
     if family == AF_INET {
         // SAFETY: as above.
-        let (local, remote) = unsafe { ((*l).local_ip4.to_ne_bytes(), (*l).remote_ip4.to_ne_bytes()) };
+        let (local, remote) =
+            unsafe { ((*l).local_ip4.to_ne_bytes(), (*l).remote_ip4.to_ne_bytes()) };
         if local[0] == 127 || remote == AGENT_INBOUND_SOURCE_V4 {
             return sk_action::SK_PASS;
         }
@@ -253,7 +283,10 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     match INBOUND.redirect_sk_lookup(&ctx, key, 0) {
         Ok(()) => sk_action::SK_PASS,
         Err(_) => {
-            warn!(&ctx, "inbound listener missing for a captured pod; dropping (fail closed)");
+            warn!(
+                &ctx,
+                "inbound listener missing for a captured pod; dropping (fail closed)"
+            );
             sk_action::SK_DROP
         }
     }

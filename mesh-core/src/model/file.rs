@@ -142,6 +142,17 @@ impl MeshModel {
                     format!("unknown node {:?} (not in nodes)", w.node),
                 ));
             }
+            if let Some(ns) = &w.netns {
+                if ns.is_empty()
+                    || ns.chars().any(|c| c.is_whitespace() || c == '\0')
+                    || (!ns.contains('/') && ns.starts_with('.'))
+                {
+                    return Err(err(
+                        at("netns"),
+                        format!("{ns:?} is not a namespace name or path"),
+                    ));
+                }
+            }
             if w.ips.is_empty() {
                 return Err(err(at("ips"), "a workload needs at least one IP".into()));
             }
@@ -641,6 +652,18 @@ peerAuthentications:
             "nodes: [{name: n}]\nworkloads: [{name: a, node: n, ips: [10.0.0.1], labels: {app: a}}]\nservices: [{name: s, vips: [10.0.0.1], ports: [{port: 80}], selector: {app: a}}]",
         );
         assert_eq!(e.field, "services[0].vips[0]");
+    }
+
+    #[test]
+    fn bad_netns_is_rejected() {
+        let e = err_of(
+            "nodes: [{name: n}]\nworkloads: [{name: a, node: n, ips: [10.0.0.1], netns: \"a b\"}]",
+        );
+        assert_eq!(e.field, "workloads[0].netns");
+        let e = err_of(
+            "nodes: [{name: n}]\nworkloads: [{name: a, node: n, ips: [10.0.0.1], netns: ..}]",
+        );
+        assert_eq!(e.field, "workloads[0].netns");
     }
 
     #[test]
