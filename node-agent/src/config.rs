@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub inbound_port: u16,
     /// SO_MARK on the agent's sockets inside pods (never captured).
     pub mark: u32,
+    /// How long an un-enrolled workload's listeners keep serving
+    /// connections that were redirected just before.
+    pub unenroll_grace: Duration,
     /// eBPF capture; `None` serves workloads without redirection.
     pub capture: Option<crate::capture::CaptureConfig>,
     /// Admin endpoint (config dump); keep it on localhost.
@@ -71,6 +74,7 @@ impl AgentConfig {
             hbone_port: mesh_core::hbone::HBONE_PORT,
             inbound_port: 15006,
             mark: 0x539,
+            unenroll_grace: Duration::from_secs(2),
             capture: None,
             admin_addr: ([127, 0, 0, 1], 15000).into(),
             metrics_addr: ([0, 0, 0, 0], 15020).into(),

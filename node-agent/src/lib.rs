@@ -67,6 +67,10 @@ pub struct Ctx {
     pub metrics: AgentMetrics,
     pub registry: Registry,
     local: Mutex<HashMap<(String, String), LocalWorkload>>,
+    /// Workloads no longer enrolled whose listeners stay open until the
+    /// deadline, so connections redirected just before un-enrollment are
+    /// still served (and a quick re-enrollment reuses them).
+    draining: Mutex<HashMap<(String, String), (LocalWorkload, std::time::Instant)>>,
 }
 
 impl Ctx {
@@ -127,7 +131,16 @@ struct LocalWorkload {
     identity: SpiffeId,
     netns: Option<String>,
     net: podnet::PodNet,
+    /// The inbound plaintext listener (a duplicate fd), to re-register it
+    /// with the capture when a draining workload is enrolled again.
+    inbound_fd: Option<std::os::fd::OwnedFd>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl LocalWorkload {
+    fn same(&self, ips: &[IpAddr], identity: &SpiffeId, netns: &Option<String>) -> bool {
+        self.ips == ips && &self.identity == identity && &self.netns == netns
+    }
 }
 
 impl Drop for LocalWorkload {
@@ -170,11 +183,8 @@ impl AgentHandle {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        self.ctx
-            .local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        lock(&self.ctx.local).clear();
+        lock(&self.ctx.draining).clear();
         if let Some(a) = self.admin.take() {
             a.stop();
         }
@@ -267,6 +277,7 @@ pub async fn start(
         metrics,
         registry,
         local: Mutex::new(HashMap::new()),
+        draining: Mutex::new(HashMap::new()),
     });
     let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l);
     reconcile(&ctx).await;
@@ -369,9 +380,20 @@ async fn watch_mesh_file(ctx: Arc<Ctx>, tx: watch::Sender<Arc<MeshModel>>) {
 /// Re-reconcile local workloads whenever the model changes.
 async fn follow_model(ctx: Arc<Ctx>) {
     let mut rx = ctx.model.clone();
-    while rx.changed().await.is_ok() {
+    // Also on a timer: retries enrollments that failed (a namespace not
+    // there yet, a port still busy) and ends drain periods.
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
         reconcile(&ctx).await;
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Make the set of running per-workload listeners match the model.
@@ -388,28 +410,47 @@ async fn reconcile(ctx: &Arc<Ctx>) {
             (w.ips.clone(), model.identity(w), w.netns.clone()),
         );
     }
+    let now = std::time::Instant::now();
     let mut to_start = Vec::new();
     {
-        let mut local = ctx.local.lock().unwrap_or_else(|p| p.into_inner());
-        local.retain(|k, l| {
-            let keep = want.get(k).is_some_and(|(ips, id, ns)| ips == &l.ips && id == &l.identity && ns == &l.netns);
+        let mut local = lock(&ctx.local);
+        let mut draining = lock(&ctx.draining);
+        draining.retain(|k, (_, deadline)| {
+            let keep = *deadline > now;
             if !keep {
-                // Stop capturing before the listeners go away, so the pod's
-                // traffic flows directly rather than failing.
-                if let (Some(c), Some(ns)) = (&ctx.capture, l.net.netns()) {
-                    c.unenroll(ns.cookie(), &l.ips);
-                }
-                tracing::info!(namespace = %k.0, workload = %k.1, "workload left this node's mesh; capture removed, listeners closed");
+                tracing::info!(namespace = %k.0, workload = %k.1, "drain period over; listeners closed");
             }
             keep
         });
+        let gone: Vec<_> = local
+            .iter()
+            .filter(|(k, l)| {
+                !want
+                    .get(*k)
+                    .is_some_and(|(ips, id, ns)| l.same(ips, id, ns))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            let l = local.remove(&k).expect("listed above");
+            // Stop capturing first: the pod's new connections flow directly
+            // from now on, while those already redirected are still served.
+            if let (Some(c), Some(ns)) = (&ctx.capture, l.net.netns()) {
+                c.unenroll(ns.cookie(), &l.ips);
+            }
+            tracing::info!(namespace = %k.0, workload = %k.1, grace_ms = ctx.cfg.unenroll_grace.as_millis() as u64, "workload left this node's mesh; capture removed, listeners draining");
+            draining.insert(k, (l, now + ctx.cfg.unenroll_grace));
+        }
         for (k, (ips, id, ns)) in want {
             if !local.contains_key(&k) {
                 to_start.push((k, ips, id, ns));
             }
         }
-        let still: std::collections::HashSet<SpiffeId> =
-            local.values().map(|l| l.identity.clone()).collect();
+        let still: std::collections::HashSet<SpiffeId> = local
+            .values()
+            .chain(draining.values().map(|(l, _)| l))
+            .map(|l| l.identity.clone())
+            .collect();
         let starting: std::collections::HashSet<&SpiffeId> =
             to_start.iter().map(|(_, _, id, _)| id).collect();
         for id in ctx.certs.identities() {
@@ -418,29 +459,46 @@ async fn reconcile(ctx: &Arc<Ctx>) {
             }
         }
     }
-    for ((ns, name), ips, identity, netns) in to_start {
+    for (key, ips, identity, netns) in to_start {
         ctx.certs.ensure(&identity);
-        match start_workload(ctx, &ips, netns.as_deref()) {
-            Ok((net, tasks)) => {
+        let revived = match lock(&ctx.draining).remove(&key) {
+            Some((l, _)) if l.same(&ips, &identity, &netns) => Some(l),
+            _ => None, // a changed workload: the old listeners close now
+        };
+        let result = match revived {
+            Some(l) => revive(ctx, l),
+            None => start_workload(ctx, &ips, netns.as_deref()).map(|(net, inbound_fd, tasks)| {
+                LocalWorkload {
+                    ips: ips.clone(),
+                    identity: identity.clone(),
+                    netns: netns.clone(),
+                    net,
+                    inbound_fd,
+                    tasks,
+                }
+            }),
+        };
+        let (ns, name) = &key;
+        match result {
+            Ok(l) => {
                 tracing::info!(namespace = %ns, workload = %name, identity = %identity, ?ips, netns = netns.as_deref().unwrap_or("-"), "workload enrolled");
-                ctx.local.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                    (ns, name),
-                    LocalWorkload {
-                        ips,
-                        identity,
-                        netns,
-                        net,
-                        tasks,
-                    },
-                );
+                lock(&ctx.local).insert(key, l);
             }
             Err(e) => {
-                tracing::error!(namespace = %ns, workload = %name, error = %e, "cannot enroll workload; other workloads are unaffected");
+                tracing::error!(namespace = %ns, workload = %name, error = %e, "cannot enroll workload (will retry); other workloads are unaffected");
             }
         }
     }
-    let n = ctx.local.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let n = lock(&ctx.local).len();
     ctx.metrics.enrolled_workloads.set(n as i64);
+}
+
+/// Enroll a draining workload again, reusing its open listeners.
+fn revive(ctx: &Arc<Ctx>, l: LocalWorkload) -> Result<LocalWorkload, AgentError> {
+    if let (Some(c), Some(ns), Some(fd)) = (&ctx.capture, l.net.netns(), &l.inbound_fd) {
+        c.enroll(ns, &l.ips, fd)?;
+    }
+    Ok(l)
 }
 
 /// Start serving a local workload: listeners in its namespace (or on its
@@ -450,7 +508,14 @@ fn start_workload(
     ctx: &Arc<Ctx>,
     ips: &[IpAddr],
     netns: Option<&str>,
-) -> Result<(podnet::PodNet, Vec<JoinHandle<()>>), AgentError> {
+) -> Result<
+    (
+        podnet::PodNet,
+        Option<std::os::fd::OwnedFd>,
+        Vec<JoinHandle<()>>,
+    ),
+    AgentError,
+> {
     use podnet::PodNet;
     let net = match netns {
         None => PodNet::Host,
@@ -467,6 +532,7 @@ fn start_workload(
     };
     let src_ip = ips[0];
     let mut tasks = Vec::new();
+    let mut inbound_fd = None;
     match &net {
         PodNet::Host => {
             for &ip in ips {
@@ -487,10 +553,12 @@ fn start_workload(
             if let Some(c) = &ctx.capture {
                 c.enroll(ns, ips, &plain)?;
             }
+            use std::os::fd::AsFd;
+            inbound_fd = plain.as_fd().try_clone_to_owned().ok();
             tasks.push(tokio::spawn(outbound::serve(out, ctx.clone(), src_ip)));
             tasks.push(tokio::spawn(inbound::serve(hbone, ctx.clone())));
             tasks.push(tokio::spawn(inbound::serve_plaintext(plain, ctx.clone())));
         }
     }
-    Ok((net, tasks))
+    Ok((net, inbound_fd, tasks))
 }

@@ -34,12 +34,11 @@ pub fn ip(block: [u8; 3], host: u8) -> IpAddr {
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
+    /// A fresh directory, unique within this process and across processes.
     pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "sluice-{tag}-{}-{}",
-            std::process::id(),
-            NEXT_BLOCK.load(Ordering::Relaxed)
-        ));
+        static NEXT_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("sluice-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
         Self(p)
