@@ -467,16 +467,7 @@ async fn reconcile(ctx: &Arc<Ctx>) {
         };
         let result = match revived {
             Some(l) => revive(ctx, l),
-            None => start_workload(ctx, &ips, netns.as_deref()).map(|(net, inbound_fd, tasks)| {
-                LocalWorkload {
-                    ips: ips.clone(),
-                    identity: identity.clone(),
-                    netns: netns.clone(),
-                    net,
-                    inbound_fd,
-                    tasks,
-                }
-            }),
+            None => start_workload(ctx, &ips, &identity, netns.as_deref()),
         };
         let (ns, name) = &key;
         match result {
@@ -507,15 +498,9 @@ fn revive(ctx: &Arc<Ctx>, l: LocalWorkload) -> Result<LocalWorkload, AgentError>
 fn start_workload(
     ctx: &Arc<Ctx>,
     ips: &[IpAddr],
+    identity: &SpiffeId,
     netns: Option<&str>,
-) -> Result<
-    (
-        podnet::PodNet,
-        Option<std::os::fd::OwnedFd>,
-        Vec<JoinHandle<()>>,
-    ),
-    AgentError,
-> {
+) -> Result<LocalWorkload, AgentError> {
     use podnet::PodNet;
     let net = match netns {
         None => PodNet::Host,
@@ -560,5 +545,12 @@ fn start_workload(
             tasks.push(tokio::spawn(inbound::serve_plaintext(plain, ctx.clone())));
         }
     }
-    Ok((net, inbound_fd, tasks))
+    Ok(LocalWorkload {
+        ips: ips.to_vec(),
+        identity: identity.clone(),
+        netns: netns.map(str::to_string),
+        net,
+        inbound_fd,
+        tasks,
+    })
 }
