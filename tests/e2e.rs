@@ -37,10 +37,11 @@ fn write_mesh(t: &Topology, client_enrolled: bool) {
             labels.push_str(", istio.io/dataplane-mode: none");
         }
         y.push_str(&format!(
-            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\"], netns: {ns}, labels: {{{labels}}}}}\n",
+            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\", \"{ip6}\"], netns: {ns}, labels: {{{labels}}}}}\n",
             n = p.name,
             node = p.node,
             ip = p.ip,
+            ip6 = p.ip6,
             ns = p.ns
         ));
     }
@@ -293,4 +294,57 @@ fn agent_down_fails_closed_and_a_restart_recovers_without_stale_state() {
         dump["capture"]["trackedConnections"], 0,
         "stale records after restart: {dump}"
     );
+}
+
+#[test]
+fn ipv6_traffic_is_captured_and_tunnelled_too() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let client = t.pod("client").clone();
+    let sniff_a = Sniffer::start(&t.node("node-a").ns, MARKER);
+    let sniff_b = Sniffer::start(&t.node("node-b").ns, MARKER);
+    for dst in [
+        SocketAddr::new(t.pod("server").ip6, 8080),
+        SocketAddr::new(t.pod("web").ip6, 8080),
+    ] {
+        let back = exchange(&client, dst, payload())
+            .unwrap_or_else(|e| panic!("{dst}: {e}\n{}", t.agent_log("node-a")));
+        assert_eq!(back, payload(), "{dst}");
+    }
+    assert!(!sniff_a.finish(), "plaintext seen in node-a's namespace");
+    assert!(!sniff_b.finish(), "plaintext seen in node-b's namespace");
+    let src = r#"source_principal="spiffe://cluster.local/ns/shop/sa/client""#;
+    let mtls = r#"connection_security_policy="mutual_tls""#;
+    let b = t.metrics("node-b");
+    assert_eq!(
+        metric(
+            &b,
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="destination""#, src, mtls]
+        ),
+        1,
+        "{b}"
+    );
+    let a = t.metrics("node-a");
+    assert_eq!(
+        metric(
+            &a,
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="source""#, src, mtls]
+        ),
+        2,
+        "{a}"
+    );
+    assert_eq!(t.config_dump("node-a")["capture"]["trackedConnections"], 0);
+    // An opted-out pod reaches the server's IPv6 address directly; the
+    // server's inbound capture still sees it.
+    let back = exchange(
+        t.pod("outsider"),
+        SocketAddr::new(t.pod("server").ip6, 8080),
+        payload(),
+    )
+    .unwrap();
+    assert_eq!(back, payload());
 }

@@ -131,9 +131,9 @@ struct LocalWorkload {
     identity: SpiffeId,
     netns: Option<String>,
     net: podnet::PodNet,
-    /// The inbound plaintext listener (a duplicate fd), to re-register it
-    /// with the capture when a draining workload is enrolled again.
-    inbound_fd: Option<std::os::fd::OwnedFd>,
+    /// Each captured IP with its inbound plaintext listener (duplicate fds),
+    /// to register again when a draining workload is re-enrolled.
+    inbound_fds: Vec<(IpAddr, std::os::fd::OwnedFd)>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -486,8 +486,14 @@ async fn reconcile(ctx: &Arc<Ctx>) {
 
 /// Enroll a draining workload again, reusing its open listeners.
 fn revive(ctx: &Arc<Ctx>, l: LocalWorkload) -> Result<LocalWorkload, AgentError> {
-    if let (Some(c), Some(ns), Some(fd)) = (&ctx.capture, l.net.netns(), &l.inbound_fd) {
-        c.enroll(ns, &l.ips, fd)?;
+    if let (Some(c), Some(ns)) = (&ctx.capture, l.net.netns()) {
+        use std::os::fd::AsFd;
+        let inbound: Vec<_> = l
+            .inbound_fds
+            .iter()
+            .map(|(ip, fd)| (*ip, fd.as_fd()))
+            .collect();
+        c.enroll(ns, &inbound)?;
     }
     Ok(l)
 }
@@ -517,7 +523,7 @@ fn start_workload(
     };
     let src_ip = ips[0];
     let mut tasks = Vec::new();
-    let mut inbound_fd = None;
+    let mut inbound_fds = Vec::new();
     match &net {
         PodNet::Host => {
             for &ip in ips {
@@ -528,21 +534,63 @@ fn start_workload(
             }
         }
         PodNet::Netns(ns) => {
-            let v4 = |port| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port);
-            let out = listen(SocketAddr::new(
-                IpAddr::from([127, 0, 0, 1]),
-                ctx.cfg.outbound_port,
-            ))?;
-            let hbone = listen(v4(ctx.cfg.hbone_port))?;
-            let plain = listen(v4(ctx.cfg.inbound_port))?;
-            if let Some(c) = &ctx.capture {
-                c.enroll(ns, ips, &plain)?;
-            }
             use std::os::fd::AsFd;
-            inbound_fd = plain.as_fd().try_clone_to_owned().ok();
-            tasks.push(tokio::spawn(outbound::serve(out, ctx.clone(), src_ip)));
-            tasks.push(tokio::spawn(inbound::serve(hbone, ctx.clone())));
-            tasks.push(tokio::spawn(inbound::serve_plaintext(plain, ctx.clone())));
+            // Outbound capture listeners on both loopbacks: a pod may dial
+            // IPv6 even when the model lists only its IPv4 address (the
+            // IPv6 one is skipped when the namespace has no IPv6).
+            let v4_lo = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), ctx.cfg.outbound_port);
+            let v6_lo = SocketAddr::new(
+                IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1u16]),
+                ctx.cfg.outbound_port,
+            );
+            tasks.push(tokio::spawn(outbound::serve(
+                listen(v4_lo)?,
+                ctx.clone(),
+                src_ip,
+            )));
+            match net.listen(v6_lo) {
+                Ok(out6) => {
+                    let src6 = ips.iter().copied().find(IpAddr::is_ipv6).unwrap_or(src_ip);
+                    tasks.push(tokio::spawn(outbound::serve(out6, ctx.clone(), src6)));
+                }
+                Err(e) => tracing::debug!(error = %e, "no IPv6 outbound listener in this pod"),
+            }
+            // HBONE and inbound plaintext per address family in use; the
+            // IPv6 sockets are v6-only so both families share a port.
+            for v4 in [true, false] {
+                if !ips.iter().any(|ip| ip.is_ipv4() == v4) {
+                    continue;
+                }
+                let any: IpAddr = if v4 {
+                    IpAddr::from([0, 0, 0, 0])
+                } else {
+                    IpAddr::from([0u16; 8])
+                };
+                let hbone = listen(SocketAddr::new(any, ctx.cfg.hbone_port))?;
+                let plain_addr = SocketAddr::new(any, ctx.cfg.inbound_port);
+                let plain = listen(plain_addr)?;
+                for ip in ips.iter().filter(|ip| ip.is_ipv4() == v4) {
+                    let fd =
+                        plain
+                            .as_fd()
+                            .try_clone_to_owned()
+                            .map_err(|source| AgentError::Bind {
+                                addr: plain_addr,
+                                source,
+                            })?;
+                    inbound_fds.push((*ip, fd));
+                }
+                tasks.push(tokio::spawn(inbound::serve(hbone, ctx.clone())));
+                tasks.push(tokio::spawn(inbound::serve_plaintext(plain, ctx.clone())));
+            }
+            // Redirect only once every listener is up.
+            if let Some(c) = &ctx.capture {
+                let inbound: Vec<_> = inbound_fds
+                    .iter()
+                    .map(|(ip, fd)| (*ip, fd.as_fd()))
+                    .collect();
+                c.enroll(ns, &inbound)?;
+            }
         }
     }
     Ok(LocalWorkload {
@@ -550,7 +598,7 @@ fn start_workload(
         identity: identity.clone(),
         netns: netns.map(str::to_string),
         net,
-        inbound_fd,
+        inbound_fds,
         tasks,
     })
 }

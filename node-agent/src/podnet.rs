@@ -51,7 +51,8 @@ impl PodNet {
 
     /// Connect to the application at `target`. Inside a pod namespace the
     /// socket carries the agent's mark (so outbound capture skips it) and
-    /// comes from 127.0.0.6 (so inbound capture skips it), as Istio does.
+    /// comes from 127.0.0.6 (IPv4, as Istio does) or from the pod's own
+    /// address (IPv6), which inbound capture lets through.
     pub async fn connect_app(&self, target: SocketAddr, mark: u32) -> io::Result<TcpStream> {
         let sock = self.run(|| {
             let s = new_socket(&target)?;

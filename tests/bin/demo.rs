@@ -43,8 +43,8 @@ fn main() {
             ""
         };
         y.push_str(&format!(
-            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\"], netns: {ns}, labels: {{app: {n}{optout}}}}}\n",
-            n = p.name, node = p.node, ip = p.ip, ns = p.ns
+            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\", \"{ip6}\"], netns: {ns}, labels: {{app: {n}{optout}}}}}\n",
+            n = p.name, node = p.node, ip = p.ip, ip6 = p.ip6, ns = p.ns
         ));
     }
     y.push_str("services:\n  - {name: reviews, namespace: shop, vips: [\"10.96.0.20\"], ports: [{port: 80, targetPort: 8080}], selector: {app: reviews}}\n");
@@ -55,8 +55,8 @@ fn main() {
     println!("topology:");
     for p in &t.pods {
         println!(
-            "  {:<9} {:<10} on {}  (netns {})",
-            p.name, p.ip, p.node, p.ns
+            "  {:<9} {:<10} {:<13} on {}  (netns {})",
+            p.name, p.ip, p.ip6, p.node, p.ns
         );
     }
     t.start_agent("node-a");
@@ -71,6 +71,11 @@ fn main() {
             "cross node",
             "frontend",
             SocketAddr::new(ip(&t, "reviews"), 8080),
+        ),
+        (
+            "IPv6",
+            "frontend",
+            SocketAddr::new(t.pod("reviews").ip6, 8080),
         ),
         (
             "same node",

@@ -131,12 +131,13 @@ pub struct Node {
     agent: Option<Child>,
 }
 
-/// A pod: a namespace with one IP.
+/// A pod: a namespace with one IPv4 and one IPv6 address.
 #[derive(Clone)]
 pub struct Pod {
     pub name: String,
     pub ns: String,
     pub ip: IpAddr,
+    pub ip6: IpAddr,
     pub node: String,
 }
 
@@ -173,6 +174,13 @@ impl Topology {
         let ns = format!("sl{}-{name}", self.tag);
         ip_cmd(&["netns", "add", &ns]);
         self.namespaces.push(ns.clone());
+        // Static test addresses: skip duplicate address detection so IPv6
+        // is usable at once.
+        ns_exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
+        ns_exec(
+            &ns,
+            &["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"],
+        );
         ns_exec(&ns, &["ip", "link", "set", "lo", "up"]);
         ns
     }
@@ -189,6 +197,7 @@ impl Topology {
     pub fn add_node(&mut self, name: &str) {
         let ns = self.new_ns(name);
         ns_exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ns_exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         let index = self.nodes.len() as u8 + 1;
         self.nodes.push(Node {
             name: name.to_string(),
@@ -205,7 +214,25 @@ impl Topology {
             for (ns, dev, me, other_index) in
                 [(&na, &a, "10.1.255.1", 2), (&nb, &b, "10.1.255.2", 1)]
             {
+                let (me6, via6) = if me.ends_with(".1") {
+                    ("fd00:1:ff::1", "fd00:1:ff::2")
+                } else {
+                    ("fd00:1:ff::2", "fd00:1:ff::1")
+                };
                 ns_exec(ns, &["ip", "addr", "add", &format!("{me}/24"), "dev", dev]);
+                ns_exec(
+                    ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{me6}/64"),
+                        "dev",
+                        dev,
+                        "nodad",
+                    ],
+                );
                 ns_exec(ns, &["ip", "link", "set", dev, "up"]);
                 let via = if me.ends_with(".1") {
                     "10.1.255.2"
@@ -221,6 +248,18 @@ impl Topology {
                         &format!("10.1.{other_index}.0/24"),
                         "via",
                         via,
+                    ],
+                );
+                ns_exec(
+                    ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:1:{other_index}::/64"),
+                        "via",
+                        via6,
                     ],
                 );
             }
@@ -277,10 +316,57 @@ impl Topology {
             &node_ns,
             &["ip", "route", "add", &format!("{ip}/32"), "dev", &node_dev],
         );
+        // IPv6: the node side answers as fe80::1 on every pod link.
+        let ip6 = format!("fd00:1:{index}::{host}");
+        ns_exec(
+            &ns,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &pod_dev,
+                "nodad",
+            ],
+        );
+        ns_exec(
+            &node_ns,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "fe80::1/64",
+                "dev",
+                &node_dev,
+                "nodad",
+            ],
+        );
+        ns_exec(
+            &ns,
+            &[
+                "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", &pod_dev,
+            ],
+        );
+        ns_exec(
+            &node_ns,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &node_dev,
+            ],
+        );
         let pod = Pod {
             name: name.to_string(),
             ns,
             ip: ip.parse().unwrap(),
+            ip6: ip6.parse().unwrap(),
             node: node.to_string(),
         };
         self.pods.push(pod.clone());
@@ -446,23 +532,26 @@ impl Drop for Topology {
     }
 }
 
-/// A TCP echo server inside `pod` on `port`, running on its own thread.
+/// A TCP echo server inside `pod` on `port`, on both its addresses, each
+/// on its own thread.
 pub fn echo_in(pod: &Pod, port: u16) {
-    let addr = SocketAddr::new(pod.ip, port);
-    let l = in_ns(&pod.ns, move || {
-        std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
-    });
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { return };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
+    for ip in [pod.ip, pod.ip6] {
+        let addr = SocketAddr::new(ip, port);
+        let l = in_ns(&pod.ns, move || {
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+        });
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let mut w = s;
+                    let _ = std::io::copy(&mut r, &mut w);
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+    }
 }
 
 /// From inside `pod`, connect to `dst`, send `data`, half-close and read the

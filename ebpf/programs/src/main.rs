@@ -265,11 +265,12 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
             let b = w[i].to_ne_bytes();
             ip[i * 4..i * 4 + 4].copy_from_slice(&b);
         }
-        // ::1 and the agent's source ::6 pass.
+        // ::1 passes, and so do connections from the pod's own address:
+        // that is how the agent reaches the application over IPv6.
         if (w[0] | w[1] | w[2]) == 0 && (w[3] == 1u32.to_be()) {
             return sk_action::SK_PASS;
         }
-        if (r[0] | r[1] | r[2]) == 0 && r[3] == 6u32.to_be() {
+        if r == w {
             return sk_action::SK_PASS;
         }
     } else {

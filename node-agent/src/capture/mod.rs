@@ -259,13 +259,13 @@ impl Capture {
         })
     }
 
-    /// Capture a pod: its namespace's outbound connections and inbound
-    /// connections to `ips`, which go to `inbound_listener` (15006).
+    /// Capture a pod: its namespace's outbound connections, and inbound
+    /// connections to each IP, which go to that IP's inbound plaintext
+    /// listener (15006; one per address family).
     pub fn enroll(
         &self,
         ns: &Netns,
-        ips: &[IpAddr],
-        inbound_listener: &impl AsRawFd,
+        inbound: &[(IpAddr, std::os::fd::BorrowedFd<'_>)],
     ) -> Result<(), CaptureError> {
         let link_path = self.sk_lookup_pin(ns.cookie());
         {
@@ -281,10 +281,10 @@ impl Capture {
             replace_pin(&link_path, link)?;
         }
         let mut m = lock(&self.maps);
-        for ip in ips {
+        for (ip, listener) in inbound {
             let key = IpKey { ip: ip_key(*ip) };
             m.inbound
-                .insert(key, inbound_listener.as_raw_fd(), 0)
+                .insert(key, listener.as_raw_fd(), 0)
                 .map_err(|e| CaptureError::Map(e, maps::INBOUND_LISTENERS))?;
             m.inbound_pods
                 .insert(key, 1, 0)
