@@ -30,6 +30,11 @@ fn cluster() -> Topology {
 
 /// The mesh file; `client_enrolled` toggles the client's opt-out label.
 fn write_mesh(t: &Topology, client_enrolled: bool) {
+    write_mesh_with(t, client_enrolled, "");
+}
+
+/// The mesh file with `extra` (policies) appended.
+fn write_mesh_with(t: &Topology, client_enrolled: bool, extra: &str) {
     let mut y = String::from("nodes: [{name: node-a}, {name: node-b}]\nworkloads:\n");
     for p in &t.pods {
         let mut labels = format!("app: {}", p.name);
@@ -46,6 +51,7 @@ fn write_mesh(t: &Topology, client_enrolled: bool) {
         ));
     }
     y.push_str("services:\n  - {name: server, namespace: shop, vips: [\"10.96.0.10\"], ports: [{port: 80, targetPort: 8080}], selector: {app: server}}\n");
+    y.push_str(extra);
     write_atomic(&t.mesh_file(), &y);
 }
 
@@ -347,4 +353,187 @@ fn ipv6_traffic_is_captured_and_tunnelled_too() {
     )
     .unwrap();
     assert_eq!(back, payload());
+}
+
+/// Wait until node-b's agent has applied the current mesh file.
+fn wait_applied(t: &Topology, updates_before: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metric(
+        &t.metrics("node-b"),
+        "sluice_config_updates_total",
+        &[r#"result="applied""#],
+    ) <= updates_before
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mesh update not applied:\n{}",
+            t.agent_log("node-b")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn applied(t: &Topology) -> u64 {
+    metric(
+        &t.metrics("node-b"),
+        "sluice_config_updates_total",
+        &[r#"result="applied""#],
+    )
+}
+
+const ALLOW_CLIENT_ONLY: &str = r#"authorizationPolicies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: server-from-client, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: server}}
+      action: ALLOW
+      rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/client"]}}], to: [{operation: {ports: ["8080"]}}]}]
+"#;
+
+#[test]
+fn authorization_policy_lets_allowed_pairs_through_and_stops_the_rest() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let before = applied(&t);
+    write_mesh_with(&t, true, ALLOW_CLIENT_ONLY);
+    wait_applied(&t, before);
+    let server = addr(&t, "server", 8080);
+    // Allowed: the client's proven identity matches.
+    assert_eq!(
+        exchange(t.pod("client"), server, b"allowed".to_vec()).unwrap(),
+        b"allowed"
+    );
+    // Denied: another mesh identity (web), and a plaintext pod (no identity).
+    for pod in ["web", "outsider"] {
+        let r = exchange(t.pod(pod), server, b"denied".to_vec());
+        assert!(
+            r.as_ref().map(|b| b.is_empty()).unwrap_or(true),
+            "{pod} got through: {r:?}"
+        );
+    }
+    let b = t.metrics("node-b");
+    assert_eq!(
+        metric(
+            &b,
+            "sluice_policy_denials_total",
+            &[r#"kind="authorization""#, r#"connection="new""#]
+        ),
+        2,
+        "{b}"
+    );
+    let log = t.agent_log("node-b");
+    assert!(
+        log.contains("connection denied") && log.contains("shop/server-from-client"),
+        "{log}"
+    );
+}
+
+#[test]
+fn strict_peer_authentication_rejects_plaintext_and_permissive_accepts_it() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let server = addr(&t, "server", 8080);
+    let pa = |mode: &str| {
+        format!("peerAuthentications:\n  - metadata: {{name: default, namespace: shop}}\n    spec: {{mtls: {{mode: {mode}}}}}\n")
+    };
+    let before = applied(&t);
+    write_mesh_with(&t, true, &pa("STRICT"));
+    wait_applied(&t, before);
+    let r = exchange(t.pod("outsider"), server, b"plain".to_vec());
+    assert!(
+        r.as_ref().map(|b| b.is_empty()).unwrap_or(true),
+        "plaintext got through STRICT: {r:?}"
+    );
+    assert_eq!(
+        exchange(t.pod("client"), server, b"mtls".to_vec()).unwrap(),
+        b"mtls"
+    );
+    let b = t.metrics("node-b");
+    assert_eq!(
+        metric(
+            &b,
+            "sluice_policy_denials_total",
+            &[r#"kind="peer_authentication""#, r#"policy="shop/default""#]
+        ),
+        1,
+        "{b}"
+    );
+
+    let before = applied(&t);
+    write_mesh_with(&t, true, &pa("PERMISSIVE"));
+    wait_applied(&t, before);
+    assert_eq!(
+        exchange(t.pod("outsider"), server, b"plain".to_vec()).unwrap(),
+        b"plain"
+    );
+}
+
+#[test]
+fn a_policy_change_closes_connections_that_no_longer_pass() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let server = addr(&t, "server", 8080);
+    // A long-lived connection from the client, echoing as it goes.
+    let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client_ns = t.pod("client").ns.clone();
+    let conn = std::thread::spawn(move || {
+        in_ns(&client_ns, move || {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut buf = [0u8; 5];
+            s.write_all(b"hello").unwrap();
+            s.read_exact(&mut buf).unwrap();
+            tx.send(Ok(())).unwrap();
+            go_rx.recv().unwrap();
+            // After the policy change the connection must be gone.
+            let _ = s.write_all(b"again");
+            let r = s.read(&mut buf);
+            tx.send(match r {
+                Ok(0) => Err(std::io::Error::other("closed")),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            })
+            .unwrap();
+        })
+    });
+    rx.recv()
+        .unwrap()
+        .expect("connection open before the change");
+    let deny = r#"authorizationPolicies:
+  - metadata: {name: cut-client, namespace: shop}
+    spec: {action: DENY, rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/client"]}}]}]}
+"#;
+    let before = applied(&t);
+    write_mesh_with(&t, true, deny);
+    wait_applied(&t, before);
+    go_tx.send(()).unwrap();
+    let after = rx.recv().unwrap();
+    assert!(
+        after.is_err(),
+        "the existing connection survived a DENY policy"
+    );
+    conn.join().unwrap();
+    let b = t.metrics("node-b");
+    assert_eq!(
+        metric(
+            &b,
+            "sluice_policy_denials_total",
+            &[r#"policy="shop/cut-client""#, r#"connection="existing""#]
+        ),
+        1,
+        "{b}"
+    );
+    // New connections are refused too.
+    let r = exchange(t.pod("client"), server, b"new".to_vec());
+    assert!(r.as_ref().map(|b| b.is_empty()).unwrap_or(true), "{r:?}");
 }

@@ -6,3 +6,4 @@ pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod model;
+pub mod policy;

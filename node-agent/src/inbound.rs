@@ -16,6 +16,7 @@ use mesh_core::identity::SpiffeId;
 use mesh_core::metrics::{Peer, Reporter, TcpLabels};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::authz;
 use crate::telemetry::{ConnLog, ConnTelemetry};
 use crate::Ctx;
 
@@ -127,6 +128,26 @@ async fn handle_stream(
     let src = src_ip
         .and_then(|ip| model.workload_by_ip(ip))
         .filter(|w| model.identity(w) == peer_id);
+    // Policy sees the client's pod address when the forwarded one is
+    // consistent with the proven identity, else where the tunnel came from.
+    let checked = authz::Checked {
+        source_identity: Some(peer_id.clone()),
+        source: match (src, src_ip) {
+            (Some(_), Some(ip)) => SocketAddr::new(ip, 0),
+            _ => peer,
+        },
+        destination: target,
+    };
+    match authz::check(&model, &checked) {
+        Err(d) => {
+            authz::report(&ctx.metrics, &checked, &d, "new");
+            return stream.reject(StatusCode::UNAUTHORIZED);
+        }
+        Ok(Some(audited)) => {
+            tracing::info!(target: "access", direction = "inbound", src.identity = %peer_id, dst.addr = %target, audited = ?audited, "audited")
+        }
+        Ok(None) => {}
+    }
 
     let net = ctx
         .pod_net(target.ip())
@@ -181,7 +202,13 @@ async fn handle_stream(
         mtls: true,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
-    let result = h2.splice(app, &t.bytes).await;
+    let live = ctx.live.register(checked);
+    // A policy change that denies this connection closes it: the stream is
+    // reset, so the client's agent resets the client.
+    let result = tokio::select! {
+        r = h2.splice(app, &t.bytes) => r.map_err(|e| e.to_string()),
+        _ = live.revoked.notified() => Err("closed by policy".to_string()),
+    };
     t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
 }
 
@@ -213,6 +240,17 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         ctx.metrics.refuse("inbound", "unknown_destination");
         return reset_tcp(&tcp);
     };
+    // No identity: STRICT PeerAuthentication refuses it, then
+    // AuthorizationPolicy decides as for any unauthenticated source.
+    let checked = authz::Checked {
+        source_identity: None,
+        source: peer,
+        destination: target,
+    };
+    if let Err(d) = authz::check(&model, &checked) {
+        authz::report(&ctx.metrics, &checked, &d, "new");
+        return reset_tcp(&tcp);
+    }
     let app = match tokio::time::timeout(
         ctx.cfg.connect_timeout,
         net.connect_app(target, ctx.cfg.mark),
@@ -253,6 +291,10 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         mtls: false,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
-    let result = mesh_core::hbone::splice::copy_tcp(tcp, app, &t.bytes).await;
+    let live = ctx.live.register(checked);
+    let result = tokio::select! {
+        r = mesh_core::hbone::splice::copy_tcp(tcp, app, &t.bytes) => r.map_err(|e| e.to_string()),
+        _ = live.revoked.notified() => Err("closed by policy".to_string()),
+    };
     t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
 }

@@ -7,6 +7,7 @@
 //! runtime so a slow scrape never stalls the data path.
 
 pub mod admin;
+pub mod authz;
 pub mod capture;
 pub mod config;
 pub mod inbound;
@@ -67,6 +68,8 @@ pub struct Ctx {
     pub metrics: AgentMetrics,
     pub registry: Registry,
     local: Mutex<HashMap<(String, String), LocalWorkload>>,
+    /// Live inbound connections, re-checked against policy on model changes.
+    pub live: authz::LiveConnections,
     /// Workloads no longer enrolled whose listeners stay open until the
     /// deadline, so connections redirected just before un-enrollment are
     /// still served (and a quick re-enrollment reuses them).
@@ -278,6 +281,7 @@ pub async fn start(
         registry,
         local: Mutex::new(HashMap::new()),
         draining: Mutex::new(HashMap::new()),
+        live: authz::LiveConnections::default(),
     });
     let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l);
     reconcile(&ctx).await;
@@ -384,11 +388,17 @@ async fn follow_model(ctx: Arc<Ctx>) {
     // there yet, a port still busy) and ends drain periods.
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
-        tokio::select! {
-            r = rx.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
-        }
+        let changed = tokio::select! {
+            r = rx.changed() => if r.is_err() { return } else { true },
+            _ = tick.tick() => false,
+        };
         reconcile(&ctx).await;
+        if changed {
+            let closed = ctx.live.revalidate(&ctx.model(), &ctx.metrics);
+            if closed > 0 {
+                tracing::info!(closed, "policy change closed existing connections");
+            }
+        }
     }
 }
 

@@ -25,6 +25,18 @@ pub struct IdentityLabels {
     pub identity: String,
 }
 
+/// Label set of policy denials.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// `authorization` or `peer_authentication`.
+    pub kind: &'static str,
+    /// The deciding policy (`namespace/name`), or `-`.
+    pub policy: String,
+    /// `new` for refused connections, `existing` for ones closed after a
+    /// policy change.
+    pub connection: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -35,6 +47,8 @@ pub struct AgentMetrics {
     pub tcp: TcpMetrics,
     /// Connections the agent refused, by direction and reason.
     pub refused: Family<RefusedLabels, Counter>,
+    /// Connections denied by policy.
+    pub denials: Family<DenialLabels, Counter>,
     /// Mesh model updates applied or rejected.
     pub config_updates: Family<ResultLabels, Counter>,
     /// Workloads of this node whose traffic is captured.
@@ -52,6 +66,7 @@ impl AgentMetrics {
         let m = AgentMetrics {
             tcp: TcpMetrics::register(registry),
             refused: Family::default(),
+            denials: Family::default(),
             config_updates: Family::default(),
             enrolled_workloads: Gauge::default(),
             cert_expiry: Family::default(),
@@ -65,6 +80,11 @@ impl AgentMetrics {
             "connections_refused",
             "Connections refused by the agent",
             m.refused.clone(),
+        );
+        r.register(
+            "policy_denials",
+            "Connections denied (new) or closed (existing) by policy",
+            m.denials.clone(),
         );
         r.register(
             "config_updates",
