@@ -627,3 +627,95 @@ async fn certificate_rotation_keeps_live_connections() {
     assert!(mesh.a.pool_stats().connections_opened >= 2);
     live.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_match_the_traffic() {
+    let mesh = Mesh::start().await;
+    let _echo = echo_server(mesh.server_addr()).await;
+    let sizes = [10usize, 2000, 300_000];
+    for (i, n) in sizes.iter().enumerate() {
+        let s = mesh.connect(mesh.server_addr()).await.unwrap();
+        let data = Arc::new(payload(*n, i as u64));
+        assert_eq!(round_trip(s, data.clone()).await.unwrap().len(), *n);
+    }
+    let total: f64 = sizes.iter().sum::<usize>() as f64;
+    for (agent, reporter) in [(&mesh.a, "source"), (&mesh.b, "destination")] {
+        // Closed counters are written when both agents finished the connection.
+        let mut scrape = None;
+        for _ in 0..100 {
+            let (_, text) = http_get(agent.metrics_addr, "/metrics").await;
+            let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+                .expect("valid Prometheus text");
+            let closed: f64 = parsed
+                .samples
+                .iter()
+                .filter(|s| s.metric == "istio_tcp_connections_closed_total")
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                    _ => 0.0,
+                })
+                .sum();
+            if closed == sizes.len() as f64 {
+                scrape = Some(parsed);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let scrape = scrape.expect("closed connections counted");
+        let (_, text) = http_get(agent.metrics_addr, "/metrics").await;
+        for family in [
+            "istio_tcp_connections_opened",
+            "istio_tcp_connections_closed",
+            "istio_tcp_received_bytes",
+            "istio_tcp_sent_bytes",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} counter\n")),
+                "{family} is not declared a counter"
+            );
+        }
+        assert!(
+            text.trim_end().ends_with("# EOF"),
+            "OpenMetrics exposition ends with # EOF"
+        );
+        let value = |name: &str| -> f64 {
+            scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == name && s.labels.get("reporter") == Some(reporter))
+                .map(|s| {
+                    assert_eq!(
+                        s.labels.get("source_principal"),
+                        Some("spiffe://cluster.local/ns/shop/sa/client")
+                    );
+                    assert_eq!(s.labels.get("destination_workload"), Some("server"));
+                    assert_eq!(
+                        s.labels.get("connection_security_policy"),
+                        Some("mutual_tls")
+                    );
+                    // prometheus-parse reads the classic format, where TYPE
+                    // names the `_total` sample; OpenMetrics names the
+                    // family, so the parser reports these as untyped. The
+                    // TYPE lines are checked below.
+                    match s.value {
+                        prometheus_parse::Value::Counter(v)
+                        | prometheus_parse::Value::Untyped(v) => v,
+                        ref other => panic!("{name} is not a counter: {other:?}"),
+                    }
+                })
+                .sum()
+        };
+        assert_eq!(
+            value("istio_tcp_connections_opened_total"),
+            sizes.len() as f64,
+            "{reporter}"
+        );
+        assert_eq!(
+            value("istio_tcp_connections_closed_total"),
+            sizes.len() as f64,
+            "{reporter}"
+        );
+        assert_eq!(value("istio_tcp_received_bytes_total"), total, "{reporter}");
+        assert_eq!(value("istio_tcp_sent_bytes_total"), total, "{reporter}");
+    }
+}

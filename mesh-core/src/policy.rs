@@ -85,7 +85,7 @@ pub fn authorize(model: &MeshModel, c: &ConnInfo<'_>) -> Decision {
     };
     let policies: Vec<&AuthorizationPolicy> = applicable(model, c.destination).collect();
     for p in &policies {
-        if p.spec.rules.iter().flatten().any(has_l7) {
+        if has_l7_rules(p) {
             d.needs_waypoint.push(name(p));
         }
     }
@@ -169,6 +169,11 @@ enum Mode {
     AllowStrict,
     /// DENY/CUSTOM/AUDIT: L7 attributes are ignored, the L4 part decides.
     DenyL4Only,
+}
+
+/// Whether any rule of `p` uses attributes only a waypoint can check.
+pub fn has_l7_rules(p: &AuthorizationPolicy) -> bool {
+    p.spec.rules.iter().flatten().any(has_l7)
 }
 
 fn has_l7(r: &Rule) -> bool {
