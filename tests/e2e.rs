@@ -129,6 +129,17 @@ fn captured_traffic_crosses_nodes_over_mtls_and_never_in_clear() {
         "{a}"
     );
 
+    // Map fill is exported: two enrolled pods, no records left over.
+    assert_eq!(
+        metric(&a, "sluice_ebpf_map_entries", &[r#"map="SLUICE_ENROLLED""#]),
+        2,
+        "{a}"
+    );
+    assert_eq!(
+        metric(&a, "sluice_ebpf_map_entries", &[r#"map="SLUICE_ORIG_DST""#]),
+        0,
+        "{a}"
+    );
     // Records were claimed: nothing left in the connection maps.
     let dump = t.config_dump("node-a");
     assert_eq!(dump["capture"]["trackedConnections"], 0, "{dump}");

@@ -115,24 +115,64 @@ async fn serve(l: std::net::TcpListener, role: Role, ctx: Arc<Ctx>) -> std::io::
     }
 }
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(Full::new(body.into()))
+        .body(http_body_util::BodyExt::boxed(Full::new(body.into())))
         .expect("static response parts")
 }
 
-fn route(req: Request<Incoming>, role: Role, ctx: &Ctx) -> Response<Full<Bytes>> {
+/// Response bodies: whole, or streamed (the followed access log).
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `/access_log`: the kept records as JSON lines; with `follow=1`, new
+/// records keep coming until the client disconnects.
+fn access_log(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let follow = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "follow=1" || p == "follow=true"));
+    let mut text = String::new();
+    for l in ctx.metrics.access_log.recent() {
+        text.push_str(&l);
+        text.push('\n');
+    }
+    if !follow {
+        return respond(StatusCode::OK, "application/x-ndjson", text);
+    }
+    let rx = ctx.metrics.access_log.subscribe();
+    let first = futures::stream::once(async move {
+        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(text)))
+    });
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) => {
+                    return Some((Ok(hyper::body::Frame::data(Bytes::from(line + "\n"))), rx))
+                }
+                // A slow reader skips what it missed rather than stalling the agent.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let body = http_body_util::StreamBody::new(futures::StreamExt::chain(first, rest)).boxed();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .expect("static response parts")
+}
+
+fn route(req: Request<Incoming>, role: Role, ctx: &Ctx) -> Response<Body> {
     if req.method() != Method::GET {
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
     let path = req.uri().path();
     match (role, path) {
+        (Role::Admin, "/access_log") => access_log(&req, ctx),
         (Role::Admin, "/config_dump") => match serde_json::to_vec_pretty(&dump(ctx)) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),
             Err(e) => respond(
@@ -144,7 +184,7 @@ fn route(req: Request<Incoming>, role: Role, ctx: &Ctx) -> Response<Full<Bytes>>
         (Role::Admin, "/") => respond(
             StatusCode::OK,
             "text/plain",
-            "endpoints: /config_dump /healthz/ready\n",
+            "endpoints: /config_dump /access_log[?follow=1] /healthz/ready\n",
         ),
         (Role::Metrics, "/metrics" | "/stats/prometheus") => {
             crate::telemetry::refresh_gauges(ctx);

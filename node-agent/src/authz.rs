@@ -33,8 +33,9 @@ pub struct Checked {
 }
 
 /// Check a connection to `c.destination` (a local workload) against
-/// PeerAuthentication (plaintext only) and AuthorizationPolicy.
-pub fn check(model: &MeshModel, c: &Checked) -> Result<Option<Vec<String>>, Denial> {
+/// PeerAuthentication (plaintext only) and AuthorizationPolicy. On success,
+/// the outcome in words (for the access log), including AUDIT matches.
+pub fn check(model: &MeshModel, c: &Checked) -> Result<String, Denial> {
     let Some(dst) = model.workload_by_ip(c.destination.ip()) else {
         return Err(Denial {
             kind: "authorization",
@@ -66,7 +67,11 @@ pub fn check(model: &MeshModel, c: &Checked) -> Result<Option<Vec<String>>, Deni
         },
     );
     if d.allowed {
-        Ok((!d.audited.is_empty()).then_some(d.audited))
+        let mut outcome = d.reason;
+        if !d.audited.is_empty() {
+            outcome.push_str(&format!("; audited by {}", d.audited.join(", ")));
+        }
+        Ok(outcome)
     } else {
         Err(Denial {
             kind: "authorization",
@@ -78,6 +83,20 @@ pub fn check(model: &MeshModel, c: &Checked) -> Result<Option<Vec<String>>, Deni
 
 /// Record a denial: one access-log line and the counters.
 pub fn report(metrics: &AgentMetrics, c: &Checked, d: &Denial, connection: &'static str) {
+    let outcome = if connection == "new" {
+        "denied"
+    } else {
+        "closed_by_policy"
+    };
+    metrics.access_log.record(serde_json::json!({
+        "direction": "inbound",
+        "src.addr": c.source.to_string(),
+        "dst.addr": c.destination.to_string(),
+        "src.identity": c.source_identity.as_ref().map(|i| i.to_string()),
+        "outcome": outcome,
+        "policy": d.policy,
+        "reason": d.reason,
+    }));
     metrics
         .denials
         .get_or_create(&DenialLabels {
@@ -92,7 +111,7 @@ pub fn report(metrics: &AgentMetrics, c: &Checked, d: &Denial, connection: &'sta
         src.addr = %c.source,
         dst.addr = %c.destination,
         src.identity = c.source_identity.as_ref().map(|i| i.to_string()).as_deref().unwrap_or("-"),
-        outcome = if connection == "new" { "denied" } else { "closed_by_policy" },
+        outcome,
         policy = d.policy.as_deref().unwrap_or("-"),
         reason = %d.reason,
         "connection denied"

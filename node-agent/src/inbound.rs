@@ -138,16 +138,13 @@ async fn handle_stream(
         },
         destination: target,
     };
-    match authz::check(&model, &checked) {
+    let outcome = match authz::check(&model, &checked) {
         Err(d) => {
             authz::report(&ctx.metrics, &checked, &d, "new");
             return stream.reject(StatusCode::UNAUTHORIZED);
         }
-        Ok(Some(audited)) => {
-            tracing::info!(target: "access", direction = "inbound", src.identity = %peer_id, dst.addr = %target, audited = ?audited, "audited")
-        }
-        Ok(None) => {}
-    }
+        Ok(outcome) => outcome,
+    };
 
     let net = ctx
         .pod_net(target.ip())
@@ -200,6 +197,7 @@ async fn handle_stream(
         src_workload: src.map(|w| format!("{}/{}", w.namespace, w.name)),
         dst_workload: Some(format!("{}/{}", dst.namespace, dst.name)),
         mtls: true,
+        policy: outcome,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let live = ctx.live.register(checked);
@@ -247,10 +245,13 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         source: peer,
         destination: target,
     };
-    if let Err(d) = authz::check(&model, &checked) {
-        authz::report(&ctx.metrics, &checked, &d, "new");
-        return reset_tcp(&tcp);
-    }
+    let outcome = match authz::check(&model, &checked) {
+        Err(d) => {
+            authz::report(&ctx.metrics, &checked, &d, "new");
+            return reset_tcp(&tcp);
+        }
+        Ok(outcome) => outcome,
+    };
     let app = match tokio::time::timeout(
         ctx.cfg.connect_timeout,
         net.connect_app(target, ctx.cfg.mark),
@@ -289,6 +290,7 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         src_workload: src.map(|w| format!("{}/{}", w.namespace, w.name)),
         dst_workload: Some(format!("{}/{}", dst.namespace, dst.name)),
         mtls: false,
+        policy: outcome,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let live = ctx.live.register(checked);

@@ -123,6 +123,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         src_workload: Some(format!("{}/{}", src.namespace, src.name)),
         dst_workload: Some(format!("{}/{}", ep.workload.namespace, ep.workload.name)),
         mtls: true,
+        policy: "enforced at the destination".into(),
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let result = stream.splice(tcp, &t.bytes).await;
@@ -178,6 +179,7 @@ async fn passthrough(
         src_workload: Some(format!("{}/{}", src.namespace, src.name)),
         dst_workload: dst_workload.map(|w| format!("{}/{}", w.namespace, w.name)),
         mtls: false,
+        policy: "passthrough: outside the mesh".into(),
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let result = mesh_core::hbone::splice::copy_tcp(tcp, upstream, &t.bytes).await;

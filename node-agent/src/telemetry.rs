@@ -59,6 +59,70 @@ pub struct AgentMetrics {
     pub pool_connections: Gauge,
     pub pool_streams: Gauge,
     pub active_connections: Gauge,
+    /// Entries in each eBPF map, by map name.
+    pub ebpf_map_entries: Family<MapLabels, Gauge>,
+    /// Recent access-log records, for `sluicectl logs`.
+    pub access_log: AccessLog,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+/// The last access-log records, and a feed of new ones, so operators can
+/// tail them from the admin endpoint without access to the agent's stderr.
+pub struct AccessLog {
+    recent: std::sync::Mutex<std::collections::VecDeque<String>>,
+    feed: tokio::sync::broadcast::Sender<String>,
+}
+
+/// How many records the admin endpoint keeps.
+const ACCESS_LOG_KEEP: usize = 1000;
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            recent: Default::default(),
+            feed: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl AccessLog {
+    /// Add a record (one JSON object, with a timestamp).
+    pub fn record(&self, mut v: serde_json::Value) {
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "time".into(),
+                humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                    .to_string()
+                    .into(),
+            );
+        }
+        let line = v.to_string();
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == ACCESS_LOG_KEEP {
+            recent.pop_front();
+        }
+        recent.push_back(line.clone());
+        let _ = self.feed.send(line);
+    }
+
+    /// The records kept, oldest first.
+    pub fn recent(&self) -> Vec<String> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// New records from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.feed.subscribe()
+    }
 }
 
 impl AgentMetrics {
@@ -74,12 +138,19 @@ impl AgentMetrics {
             pool_connections: Gauge::default(),
             pool_streams: Gauge::default(),
             active_connections: Gauge::default(),
+            ebpf_map_entries: Family::default(),
+            access_log: AccessLog::default(),
         };
         let r = registry.sub_registry_with_prefix("sluice");
         r.register(
             "connections_refused",
             "Connections refused by the agent",
             m.refused.clone(),
+        );
+        r.register(
+            "ebpf_map_entries",
+            "Entries in the eBPF capture maps",
+            m.ebpf_map_entries.clone(),
         );
         r.register(
             "policy_denials",
@@ -141,6 +212,8 @@ pub struct ConnLog {
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,
     pub mtls: bool,
+    /// The policy outcome.
+    pub policy: String,
 }
 
 /// Tracks one proxied connection from open to close.
@@ -196,9 +269,26 @@ impl<'a> ConnTelemetry<'a> {
             bytes_sent = client_sent,
             bytes_recv = client_got,
             duration_ms = self.start.elapsed().as_millis() as u64,
+            policy = %l.policy,
             error = error.map(|e| e.to_string()).as_deref().unwrap_or("-"),
             "connection complete"
         );
+        self.metrics.access_log.record(serde_json::json!({
+            "direction": l.direction,
+            "src.addr": l.src.to_string(),
+            "dst.addr": l.dst.to_string(),
+            "src.identity": l.src_identity,
+            "dst.identity": l.dst_identity,
+            "src.workload": l.src_workload,
+            "dst.workload": l.dst_workload,
+            "mtls": l.mtls,
+            "bytes_sent": client_sent,
+            "bytes_recv": client_got,
+            "duration_ms": self.start.elapsed().as_millis() as u64,
+            "outcome": if error.is_some() { "error" } else { "complete" },
+            "policy": l.policy,
+            "error": error.map(|e| e.to_string()),
+        }));
     }
 }
 
@@ -209,6 +299,13 @@ pub fn refresh_gauges(ctx: &crate::Ctx) {
     m.pool_connections.set(pool.connections as i64);
     m.pool_streams.set(pool.active_streams as i64);
     m.cert_rotations.set(ctx.certs.rotations() as i64);
+    if let Some(c) = &ctx.capture {
+        for (map, n) in c.map_fill() {
+            m.ebpf_map_entries
+                .get_or_create(&MapLabels { map })
+                .set(n as i64);
+        }
+    }
     m.cert_expiry.clear();
     for c in ctx.certs.summaries() {
         m.cert_expiry

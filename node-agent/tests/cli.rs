@@ -48,9 +48,8 @@ async fn inspects_a_running_agent() {
     let mut cfg = AgentConfig::new("node-a", mesh.clone());
     let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
     (cfg.admin_addr, cfg.metrics_addr, cfg.readiness_addr) = (local, local, local);
-    let agent = node_agent::start(cfg, Arc::new(ExplicitMappings::default()))
-        .await
-        .unwrap();
+    let redirects = Arc::new(ExplicitMappings::default());
+    let agent = node_agent::start(cfg, redirects.clone()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), agent.wait_ready())
         .await
         .unwrap();
@@ -90,6 +89,104 @@ async fn inspects_a_running_agent() {
         ]
     );
     assert!(!json.contains("PRIVATE KEY"));
+
+    // One connection client -> server through the agent, then the log.
+    let echo = tokio::net::TcpListener::bind("127.231.7.2:9090")
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = echo.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let connect = || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.231.7.1:0".parse().unwrap()).unwrap();
+        redirects.insert(
+            sock.local_addr().unwrap(),
+            "127.231.7.2:9090".parse().unwrap(),
+        );
+        let mut s = sock
+            .connect("127.231.7.1:15001".parse().unwrap())
+            .await
+            .unwrap();
+        s.write_all(b"ping").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"ping");
+    };
+    connect().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let a = admin.clone();
+    let (code, lines, err) =
+        tokio::task::spawn_blocking(move || sluicectl(&["logs", "--admin", &a, "-o", "json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let inbound = records
+        .iter()
+        .find(|r| r["direction"] == "inbound")
+        .expect("inbound record");
+    assert_eq!(
+        inbound["src.identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert_eq!(
+        inbound["policy"],
+        "allowed by ALLOW policy shop/server-from-client"
+    );
+    assert_eq!(inbound["bytes_recv"], 4);
+    assert!(records
+        .iter()
+        .any(|r| r["direction"] == "outbound" && r["outcome"] == "complete"));
+    let a = admin.clone();
+    let (_, table, _) = tokio::task::spawn_blocking(move || sluicectl(&["logs", "--admin", &a]))
+        .await
+        .unwrap();
+    assert!(
+        table.starts_with("TIME") && table.contains("shop/server-from-client"),
+        "{table}"
+    );
+
+    // Follow: a new connection shows up while sluicectl is running.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluicectl"))
+        .args(["logs", "-f", "-o", "json", "--admin", &admin])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    // The kept records arrive first.
+    let seen_before = records.len();
+    for _ in 0..seen_before {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("kept records");
+    }
+    connect().await;
+    let fresh = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a followed record");
+    assert!(fresh.contains("\"direction\""), "{fresh}");
+    let _ = child.kill();
+    let _ = child.wait();
 
     let a = admin.clone();
     let (code, yaml, _) = tokio::task::spawn_blocking(move || {

@@ -56,6 +56,12 @@ enum Command {
     Certs,
     /// The agent's effective configuration.
     ConfigDump,
+    /// The agent's access log: recent connections (and denials).
+    Logs {
+        /// Keep printing new records as they come.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Check a mesh file for errors and conflicts.
     Analyze {
         mesh_file: PathBuf,
@@ -102,6 +108,47 @@ fn get(admin: SocketAddr, path: &str) -> Result<Value> {
         bail!("{path}: HTTP {status}: {}", body.trim());
     }
     serde_json::from_str(body).with_context(|| format!("{path}: not JSON"))
+}
+
+/// Stream a close-delimited response line by line (HTTP/1.0, so the agent
+/// does not chunk it).
+fn stream_lines(
+    admin: SocketAddr,
+    path: &str,
+    follow: bool,
+    mut on_line: impl FnMut(&str) -> Result<()>,
+) -> Result<()> {
+    use std::io::BufRead;
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).with_context(|| {
+        format!(
+            "cannot reach the agent's admin endpoint at {admin} (run on the node, or set --admin)"
+        )
+    })?;
+    if !follow {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    }
+    write!(s, "GET {path} HTTP/1.0\r\nhost: {admin}\r\n\r\n")?;
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    if status.split(' ').nth(1) != Some("200") {
+        bail!("{path}: {}", status.trim());
+    }
+    let mut line = String::new();
+    // Skip the headers.
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        on_line(line.trim_end())?;
+    }
 }
 
 fn emit<T: Serialize>(
@@ -218,6 +265,63 @@ fn run(cli: Cli) -> Result<i32> {
                 cli.output
             };
             emit(out, &dump, Vec::new)?;
+        }
+        Command::Logs { follow } => {
+            let path = if follow {
+                "/access_log?follow=1"
+            } else {
+                "/access_log"
+            };
+            let output = cli.output;
+            if output == Output::Table {
+                print_table(&[vec![
+                    "TIME".into(),
+                    "DIRECTION".into(),
+                    "SOURCE -> DESTINATION".into(),
+                    "OUTCOME".into(),
+                    "BYTES OUT/IN".into(),
+                    "POLICY".into(),
+                ]]);
+            }
+            stream_lines(cli.admin, path, follow, |line| {
+                let v: Value =
+                    serde_json::from_str(line).with_context(|| format!("bad record: {line}"))?;
+                match output {
+                    Output::Json => println!("{line}"),
+                    Output::Yaml => print!("---\n{}", serde_yaml::to_string(&v)?),
+                    Output::Table => {
+                        let who = |id: &str, addr: &str| {
+                            if v[id].is_string() {
+                                format!("{} ({})", s(&v[id]), s(&v[addr]))
+                            } else {
+                                s(&v[addr])
+                            }
+                        };
+                        let bytes = if v["bytes_sent"].is_null() {
+                            "-".into()
+                        } else {
+                            format!("{}/{}", v["bytes_sent"], v["bytes_recv"])
+                        };
+                        let policy = v["policy"]
+                            .as_str()
+                            .or(v["reason"].as_str())
+                            .unwrap_or("-")
+                            .to_string();
+                        println!(
+                            "{}  {}  {} -> {}  {}  {}  {}",
+                            s(&v["time"]),
+                            s(&v["direction"]),
+                            who("src.identity", "src.addr"),
+                            who("dst.identity", "dst.addr"),
+                            s(&v["outcome"]),
+                            bytes,
+                            policy
+                        );
+                    }
+                }
+                std::io::stdout().flush()?;
+                Ok(())
+            })?;
         }
         Command::Analyze {
             mesh_file,

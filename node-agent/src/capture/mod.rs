@@ -345,6 +345,17 @@ impl Capture {
             .collect()
     }
 
+    /// Entries in each map, for the `sluice_ebpf_map_entries` gauge.
+    pub fn map_fill(&self) -> [(&'static str, usize); 4] {
+        let m = lock(&self.maps);
+        [
+            (maps::ENROLLED, m.enrolled.keys().count()),
+            (maps::PENDING, m.pending.keys().count()),
+            (maps::ORIG_DST, m.orig.keys().count()),
+            (maps::INBOUND_PODS, m.inbound_pods.keys().count()),
+        ]
+    }
+
     /// Entries in the connection-tracking maps (a leak detector).
     pub fn tracked_connections(&self) -> usize {
         let m = lock(&self.maps);
