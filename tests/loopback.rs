@@ -377,6 +377,10 @@ async fn raw_hbone(
     let req = http::Request::builder()
         .method("CONNECT")
         .uri(authority.to_string())
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .body(())
         .unwrap();
     let (resp, _stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
@@ -469,6 +473,23 @@ async fn strangers_and_misdirected_tunnels_are_refused() {
     assert_eq!(
         raw_hbone(hbone, chain, key, roots, server_id, mesh.server_addr()).await,
         Ok(http::StatusCode::OK)
+    );
+
+    // The accepted tunnel's trace context reaches the access log.
+    let found = eventually(T, || {
+        mesh.b
+            .ctx
+            .metrics
+            .access_log
+            .recent()
+            .iter()
+            .any(|l| l.contains("4bf92f3577b34da6a3ce929d0e0e4736"))
+    })
+    .await;
+    assert!(
+        found,
+        "traceparent not in the access log: {:?}",
+        mesh.b.ctx.metrics.access_log.recent()
     );
 
     // And real traffic still flows.

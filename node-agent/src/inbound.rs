@@ -138,6 +138,10 @@ async fn handle_stream(
         },
         destination: target,
     };
+    let trace = (
+        stream.header("traceparent").map(str::to_string),
+        stream.header("baggage").map(str::to_string),
+    );
     let outcome = match authz::check(&model, &checked) {
         Err(d) => {
             authz::report(&ctx.metrics, &checked, &d, "new");
@@ -198,6 +202,8 @@ async fn handle_stream(
         dst_workload: Some(format!("{}/{}", dst.namespace, dst.name)),
         mtls: true,
         policy: outcome,
+        traceparent: trace.0,
+        baggage: trace.1,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let live = ctx.live.register(checked);
@@ -291,6 +297,8 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         dst_workload: Some(format!("{}/{}", dst.namespace, dst.name)),
         mtls: false,
         policy: outcome,
+        traceparent: None,
+        baggage: None,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let live = ctx.live.register(checked);

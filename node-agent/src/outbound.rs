@@ -124,6 +124,8 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         dst_workload: Some(format!("{}/{}", ep.workload.namespace, ep.workload.name)),
         mtls: true,
         policy: "enforced at the destination".into(),
+        traceparent: None,
+        baggage: None,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let result = stream.splice(tcp, &t.bytes).await;
@@ -180,6 +182,8 @@ async fn passthrough(
         dst_workload: dst_workload.map(|w| format!("{}/{}", w.namespace, w.name)),
         mtls: false,
         policy: "passthrough: outside the mesh".into(),
+        traceparent: None,
+        baggage: None,
     };
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let result = mesh_core::hbone::splice::copy_tcp(tcp, upstream, &t.bytes).await;

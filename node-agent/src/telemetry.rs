@@ -214,6 +214,10 @@ pub struct ConnLog {
     pub mtls: bool,
     /// The policy outcome.
     pub policy: String,
+    /// W3C trace context an HBONE client sent (`traceparent`, `baggage`),
+    /// so tunnelled connections correlate with the caller's trace.
+    pub traceparent: Option<String>,
+    pub baggage: Option<String>,
 }
 
 /// Tracks one proxied connection from open to close.
@@ -270,6 +274,7 @@ impl<'a> ConnTelemetry<'a> {
             bytes_recv = client_got,
             duration_ms = self.start.elapsed().as_millis() as u64,
             policy = %l.policy,
+            traceparent = l.traceparent.as_deref().unwrap_or("-"),
             error = error.map(|e| e.to_string()).as_deref().unwrap_or("-"),
             "connection complete"
         );
@@ -287,6 +292,8 @@ impl<'a> ConnTelemetry<'a> {
             "duration_ms": self.start.elapsed().as_millis() as u64,
             "outcome": if error.is_some() { "error" } else { "complete" },
             "policy": l.policy,
+            "traceparent": l.traceparent,
+            "baggage": l.baggage,
             "error": error.map(|e| e.to_string()),
         }));
     }

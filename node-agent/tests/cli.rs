@@ -146,6 +146,14 @@ async fn inspects_a_running_agent() {
         "allowed by ALLOW policy shop/server-from-client"
     );
     assert_eq!(inbound["bytes_recv"], 4);
+    // The source agent's W3C baggage arrives with the tunnel.
+    assert!(
+        inbound["baggage"]
+            .as_str()
+            .unwrap()
+            .contains("k8s.namespace.name=shop"),
+        "{inbound}"
+    );
     assert!(records
         .iter()
         .any(|r| r["direction"] == "outbound" && r["outcome"] == "complete"));
