@@ -38,6 +38,22 @@ pub struct ConnInfo<'a> {
     pub destination_port: u16,
 }
 
+impl ConnInfo<'_> {
+    /// The source principal as policies write it; empty for plaintext.
+    fn principal(&self) -> String {
+        self.source_identity
+            .map(SpiffeId::principal)
+            .unwrap_or_default()
+    }
+
+    /// The source namespace (from the identity); empty for plaintext.
+    fn source_namespace(&self) -> String {
+        self.source_identity
+            .map(|i| i.namespace().to_string())
+            .unwrap_or_default()
+    }
+}
+
 /// The outcome of authorization.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -254,14 +270,7 @@ fn field(pos: &[String], neg: &[String], m: impl Fn(&[String]) -> bool) -> bool 
 fn source_matches(s: &Source, c: &ConnInfo<'_>) -> bool {
     // Plaintext has no principal and no namespace: positive lists cannot
     // match it, negative ones do not exclude it.
-    let principal = c
-        .source_identity
-        .map(SpiffeId::principal)
-        .unwrap_or_default();
-    let namespace = c
-        .source_identity
-        .map(|i| i.namespace().to_string())
-        .unwrap_or_default();
+    let (principal, namespace) = (c.principal(), c.source_namespace());
     field(&s.principals, &s.not_principals, |l| {
         any_match(l, &principal)
     }) && field(&s.namespaces, &s.not_namespaces, |l| {
@@ -278,14 +287,7 @@ fn ports_match(o: &Operation, port: u16) -> bool {
 }
 
 fn condition_matches(w: &Condition, c: &ConnInfo<'_>) -> bool {
-    let principal = c
-        .source_identity
-        .map(SpiffeId::principal)
-        .unwrap_or_default();
-    let namespace = c
-        .source_identity
-        .map(|i| i.namespace().to_string())
-        .unwrap_or_default();
+    let (principal, namespace) = (c.principal(), c.source_namespace());
     let m = |l: &[String]| -> bool {
         match w.key.as_str() {
             "source.ip" | "remote.ip" => ip_match(l, c.source_ip),

@@ -94,6 +94,17 @@ pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+/// An IPv6 address as the kernel hands it to programs (four 32-bit words,
+/// each in network order) as 16 bytes.
+#[inline(always)]
+pub fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut ip = [0u8; 16];
+    for i in 0..4 {
+        ip[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
+    }
+    ip
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all types are repr(C), Copy, contain only integers and

@@ -26,7 +26,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use sluice_ebpf_common::{
     AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, Enrolled, IpKey, OrigDst, POD_MAP_SIZE,
-    config, v4_mapped,
+    config, ip6_bytes, v4_mapped,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -129,11 +129,7 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
     let (w, port_be) = unsafe { ((*sa).user_ip6, (*sa).user_port as u16) };
-    let mut ip = [0u8; 16];
-    for i in 0..4 {
-        let b = w[i].to_ne_bytes();
-        ip[i * 4..i * 4 + 4].copy_from_slice(&b);
-    }
+    let ip = ip6_bytes(w);
     let mapped = ip[..10] == [0u8; 10] && ip[10] == 0xff && ip[11] == 0xff;
     let loopback6 = ip[..15] == [0u8; 15] && ip[15] == 1;
     if loopback6 || (mapped && ip[12] == 127) {
@@ -210,17 +206,11 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
             core::ptr::read_volatile(&(*ops).local_port),
         )
     };
-    let mut ip = [0u8; 16];
-    match family {
-        AF_INET => ip = v4_mapped(ip4.to_ne_bytes()),
-        AF_INET6 => {
-            for i in 0..4 {
-                let b = w[i].to_ne_bytes();
-                ip[i * 4..i * 4 + 4].copy_from_slice(&b);
-            }
-        }
+    let ip = match family {
+        AF_INET => v4_mapped(ip4.to_ne_bytes()),
+        AF_INET6 => ip6_bytes(w),
         _ => return 1,
-    }
+    };
     let key = ConnKey {
         netns,
         ip,
@@ -249,22 +239,17 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     {
         return sk_action::SK_PASS;
     }
-    let mut ip = [0u8; 16];
-    if family == AF_INET {
+    let ip = if family == AF_INET {
         // SAFETY: as above.
         let (local, remote) =
             unsafe { ((*l).local_ip4.to_ne_bytes(), (*l).remote_ip4.to_ne_bytes()) };
         if local[0] == 127 || remote == AGENT_INBOUND_SOURCE_V4 {
             return sk_action::SK_PASS;
         }
-        ip = v4_mapped(local);
+        v4_mapped(local)
     } else if family == AF_INET6 {
         // SAFETY: as above.
         let (w, r) = unsafe { ((*l).local_ip6, (*l).remote_ip6) };
-        for i in 0..4 {
-            let b = w[i].to_ne_bytes();
-            ip[i * 4..i * 4 + 4].copy_from_slice(&b);
-        }
         // ::1 passes, and so do connections from the pod's own address:
         // that is how the agent reaches the application over IPv6.
         if (w[0] | w[1] | w[2]) == 0 && (w[3] == 1u32.to_be()) {
@@ -273,9 +258,10 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
         if r == w {
             return sk_action::SK_PASS;
         }
+        ip6_bytes(w)
     } else {
         return sk_action::SK_PASS;
-    }
+    };
     let key = IpKey { ip };
     // SAFETY: the value is only tested for presence.
     if unsafe { INBOUND_PODS.get(&key) }.is_none() {

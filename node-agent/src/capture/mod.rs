@@ -187,39 +187,11 @@ impl Capture {
         // agents' and tools' programs on the same cgroup.
         let cgroup = std::fs::File::open(&cfg.cgroup)
             .map_err(io_err(format!("opening cgroup {}", cfg.cgroup.display())))?;
+        let links = cfg.pin_dir.join("links");
         for name in ["sluice_connect4", "sluice_connect6"] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| CaptureError::Program(e, name))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| CaptureError::Program(e, name))?;
-            let link = FdLink::try_from(
-                prog.take_link(id)
-                    .map_err(|e| CaptureError::Program(e, name))?,
-            )
-            .map_err(|e| CaptureError::Pin {
-                path: name.into(),
-                reason: e.to_string(),
-            })?;
-            replace_pin(&cfg.pin_dir.join("links").join(name), link)?;
+            attach_at_cgroup!(ebpf, CgroupSockAddr, name, &cgroup, &links);
         }
-        {
-            let name = "sluice_sockops";
-            let prog: &mut SockOps = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| CaptureError::Program(e, name))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| CaptureError::Program(e, name))?;
-            let link = FdLink::try_from(
-                prog.take_link(id)
-                    .map_err(|e| CaptureError::Program(e, name))?,
-            )
-            .map_err(|e| CaptureError::Pin {
-                path: name.into(),
-                reason: e.to_string(),
-            })?;
-            replace_pin(&cfg.pin_dir.join("links").join(name), link)?;
-        }
+        attach_at_cgroup!(ebpf, SockOps, "sluice_sockops", &cgroup, &links);
         {
             let prog: &mut SkLookup = program(&mut ebpf, "sluice_sk_lookup")?;
             prog.load()
@@ -390,6 +362,29 @@ impl OriginalDestination for Capture {
         Some(SocketAddr::new(ip_from_key(orig.ip), orig.port))
     }
 }
+
+/// Load a cgroup program, attach it to `cgroup` and pin its link under
+/// `links` (replacing the previous agent's). CgroupSockAddr and SockOps share
+/// these steps but no trait, hence a macro.
+macro_rules! attach_at_cgroup {
+    ($ebpf:expr, $ty:ty, $name:expr, $cgroup:expr, $links:expr) => {{
+        let name: &'static str = $name;
+        let prog: &mut $ty = program(&mut $ebpf, name)?;
+        prog.load().map_err(|e| CaptureError::Program(e, name))?;
+        let id = prog
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(|e| CaptureError::Program(e, name))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| CaptureError::Program(e, name))?;
+        let link = FdLink::try_from(link).map_err(|e| CaptureError::Pin {
+            path: name.into(),
+            reason: e.to_string(),
+        })?;
+        replace_pin(&$links.join(name), link)?;
+    }};
+}
+use attach_at_cgroup;
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
 where
