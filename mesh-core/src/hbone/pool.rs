@@ -460,7 +460,9 @@ mod tests {
                     let conn = serve_connection(tls, &s, move |stream| {
                         let (served, done) = (served.clone(), done_tx.clone());
                         async move {
-                            let _ = stream.accept();
+                            if let Ok(mut h2) = stream.accept() {
+                                tokio::spawn(async move { echo(&mut h2).await });
+                            }
                             if served.fetch_add(1, Ordering::SeqCst) + 1 == streams_per_conn {
                                 // Let the 200 reach the client first.
                                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -486,6 +488,52 @@ mod tests {
             req,
             accepted,
         }
+    }
+
+    /// Send back what arrives on the stream, then end it.
+    async fn echo(h2: &mut H2Stream) {
+        while let Some(Ok(chunk)) = h2.recv.data().await {
+            let n = chunk.len();
+            let _ = h2.recv.flow_control().release_capacity(n);
+            // The final DATA frame may be empty: echoing it would send an
+            // empty non-final frame, which h2 rightly counts as abuse.
+            if n > 0 && h2.send.send_data(chunk, false).is_err() {
+                return;
+            }
+        }
+        let _ = h2.send.send_data(Bytes::new(), true);
+    }
+
+    /// Many short request/response tunnels, one after the other, share one
+    /// pooled connection for its whole life: nothing about small frames or
+    /// stream churn may make either side give up on it.
+    #[tokio::test]
+    async fn a_long_lived_connection_carries_many_small_tunnels() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let s = setup(HboneSettings::default(), usize::MAX).await;
+        for i in 0..500 {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (accepted, _) = l.accept().await.unwrap();
+            let stream = s.connector.connect(&s.req).await.unwrap();
+            let splice = tokio::spawn(async move {
+                let counters = crate::hbone::Transferred::default();
+                stream.splice(accepted, &counters).await
+            });
+            client.write_all(b"ping").await.unwrap();
+            let mut back = [0u8; 4];
+            client
+                .read_exact(&mut back)
+                .await
+                .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+            assert_eq!(&back, b"ping");
+            drop(client);
+            splice
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        }
+        assert_eq!(s.connector.stats().connections_opened, 1);
     }
 
     #[tokio::test]
