@@ -349,60 +349,6 @@ async fn destinations_outside_the_mesh_are_passed_through() {
     );
 }
 
-/// A raw HBONE client with whatever certificate the test gives it.
-async fn raw_hbone(
-    addr: SocketAddr,
-    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-    roots: Arc<rustls::RootCertStore>,
-    expect: mesh_core::identity::SpiffeId,
-    authority: SocketAddr,
-) -> Result<http::StatusCode, String> {
-    let cfg = mesh_core::identity::verify::client_config(chain, key, roots, expect)
-        .map_err(|e| e.to_string())?;
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(
-            rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
-            tcp,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, conn) = h2::client::handshake(tls)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method("CONNECT")
-        .uri(authority.to_string())
-        .header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
-        .body(())
-        .unwrap();
-    let (resp, _stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
-    let resp = resp.await.map_err(|e| e.to_string())?;
-    Ok(resp.status())
-}
-
-fn issue(
-    ca: &mesh_core::identity::CertificateAuthority,
-    id: &mesh_core::identity::SpiffeId,
-) -> (
-    Vec<rustls::pki_types::CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-) {
-    let (key, csr) = mesh_core::identity::ca::new_key_and_csr(id).unwrap();
-    let cert = ca.sign(&csr, id, Duration::from_secs(3600)).unwrap();
-    (
-        vec![cert],
-        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_and_misdirected_tunnels_are_refused() {
     let mesh = Mesh::start().await;

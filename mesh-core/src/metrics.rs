@@ -1,10 +1,14 @@
 //! Istio-compatible TCP telemetry: the metric names and label sets Istio's
 //! ztunnel exports (`istio_tcp_connections_opened_total`, …), so existing
-//! Grafana dashboards and Kiali graphs work unchanged.
+//! Grafana dashboards and Kiali graphs work unchanged. The waypoint adds
+//! Istio's HTTP request metrics (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`,
+//! `istio_response_bytes`) over the same labels plus the response codes.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::identity::SpiffeId;
@@ -15,6 +19,8 @@ use crate::model::{MeshModel, Service, Workload};
 pub enum Reporter {
     Source,
     Destination,
+    /// A waypoint between the two (Istio ambient reports `waypoint`).
+    Waypoint,
 }
 
 /// Istio's TCP label set.
@@ -85,6 +91,7 @@ impl TcpLabels {
             reporter: match reporter {
                 Reporter::Source => "source",
                 Reporter::Destination => "destination",
+                Reporter::Waypoint => "waypoint",
             },
             source_workload: s.workload,
             source_canonical_service: s.canonical_service,
@@ -190,6 +197,70 @@ impl TcpMetrics {
             "istio_tcp_received_bytes",
             "Bytes received during a request on a TCP connection",
             m.received_bytes.clone(),
+        );
+        m
+    }
+}
+
+/// Istio's HTTP label set: the TCP one plus the outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub peers: TcpLabels,
+    pub response_code: u16,
+    /// The gRPC status for gRPC requests, otherwise empty.
+    pub grpc_response_status: String,
+}
+
+/// Istio's four HTTP metrics.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration_ms: Family<RequestLabels, Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram>,
+}
+
+/// Istio's default duration buckets (milliseconds).
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+impl RequestMetrics {
+    /// Create the metrics and register them under Istio's names.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            duration_ms: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            request_bytes: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    1.0, 10.0, 9,
+                ))
+            }),
+            response_bytes: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    1.0, 10.0, 9,
+                ))
+            }),
+        };
+        registry.register("istio_requests", "Requests processed", m.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            m.duration_ms.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body and header size",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body and header size",
+            m.response_bytes.clone(),
         );
         m
     }

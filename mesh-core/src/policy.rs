@@ -12,6 +12,10 @@
 //! its L4 part alone; either way the policy is reported as needing a
 //! waypoint.
 //!
+//! At a waypoint the same rules are evaluated with the request's HTTP
+//! attributes (`methods`, `paths`, `hosts`, `request.headers[…]`), for the
+//! policies attached to the waypoint or the service ([`waypoint_policies`]).
+//!
 //! PeerAuthentication: workload (port-level first), then namespace, then
 //! mesh-wide; PERMISSIVE when nothing is set.
 
@@ -38,7 +42,29 @@ pub struct ConnInfo<'a> {
     pub destination_port: u16,
 }
 
-impl ConnInfo<'_> {
+/// What an L7 proxy adds to a connection's attributes for one request.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAttrs<'a> {
+    pub method: &'a str,
+    /// The path without the query string.
+    pub path: &'a str,
+    /// `:authority` / `Host`.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
+/// One request (or connection) as the rule matcher sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub source_identity: Option<&'a SpiffeId>,
+    pub source_ip: IpAddr,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+    /// `None` at L4: L7 attributes are then unknown.
+    pub http: Option<HttpAttrs<'a>>,
+}
+
+impl RequestInfo<'_> {
     /// The source principal as policies write it; empty for plaintext.
     fn principal(&self) -> String {
         self.source_identity
@@ -90,8 +116,62 @@ pub fn applicable<'a>(
     })
 }
 
-/// Decide whether the connection is allowed.
+/// Decide whether the connection is allowed (at the node agent, L4).
 pub fn authorize(model: &MeshModel, c: &ConnInfo<'_>) -> Decision {
+    let policies: Vec<&AuthorizationPolicy> = applicable(model, c.destination).collect();
+    evaluate(
+        &policies,
+        &RequestInfo {
+            source_identity: c.source_identity,
+            source_ip: c.source_ip,
+            destination_ip: c.destination_ip,
+            destination_port: c.destination_port,
+            http: None,
+        },
+    )
+}
+
+/// The AuthorizationPolicies a waypoint enforces for traffic to `service`
+/// (namespace `service_ns`) through waypoint `waypoint` (namespace
+/// `waypoint_ns`): those attached with `targetRef(s)` to the waypoint's
+/// Gateway or to the Service, and root-namespace ones attached to the
+/// `istio-waypoint` GatewayClass — as in Istio ambient.
+pub fn waypoint_policies<'a>(
+    model: &'a MeshModel,
+    waypoint_ns: &'a str,
+    waypoint: &'a str,
+    service_ns: &'a str,
+    service: &'a str,
+) -> Vec<&'a AuthorizationPolicy> {
+    model
+        .authorization_policies
+        .iter()
+        .filter(|p| {
+            let ns = p.metadata.namespace.as_str();
+            p.spec
+                .target_ref
+                .iter()
+                .chain(&p.spec.target_refs)
+                .any(|t| {
+                    let tns = t.namespace.as_deref().unwrap_or(ns);
+                    match t.kind.as_str() {
+                        "Gateway" => tns == waypoint_ns && t.name == waypoint,
+                        "Service" => tns == service_ns && t.name == service,
+                        "GatewayClass" => {
+                            ns == model.root_namespace
+                                && t.name == crate::model::gateway::WAYPOINT_CLASS
+                        }
+                        _ => false,
+                    }
+                })
+        })
+        .collect()
+}
+
+/// Decide a request against `policies` with Istio's order: CUSTOM and
+/// DENY first, AUDIT marks, then ALLOW. Without HTTP attributes (L4),
+/// L7-only rule parts never widen access.
+pub fn evaluate(policies: &[&AuthorizationPolicy], c: &RequestInfo<'_>) -> Decision {
     let mut d = Decision {
         allowed: true,
         policy: None,
@@ -99,8 +179,7 @@ pub fn authorize(model: &MeshModel, c: &ConnInfo<'_>) -> Decision {
         audited: vec![],
         needs_waypoint: vec![],
     };
-    let policies: Vec<&AuthorizationPolicy> = applicable(model, c.destination).collect();
-    for p in &policies {
+    for p in policies.iter().filter(|_| c.http.is_none()) {
         if has_l7_rules(p) {
             d.needs_waypoint.push(name(p));
         }
@@ -220,19 +299,47 @@ fn is_l4_key(k: &str) -> bool {
     )
 }
 
-fn rule_matches(r: &Rule, c: &ConnInfo<'_>, mode: Mode) -> bool {
-    if mode == Mode::AllowStrict && has_l7(r) {
+fn rule_matches(r: &Rule, c: &RequestInfo<'_>, mode: Mode) -> bool {
+    if c.http.is_none() && mode == Mode::AllowStrict && has_l7(r) {
         return false;
     }
     (r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, c)))
-        && (r.to.is_empty()
-            || r.to
-                .iter()
-                .any(|t| ports_match(&t.operation, c.destination_port)))
+        && (r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, c)))
         && r.when
             .iter()
-            .filter(|w| is_l4_key(&w.key))
+            .filter(|w| c.http.is_some() || is_l4_key(&w.key))
             .all(|w| condition_matches(w, c))
+}
+
+fn operation_matches(o: &Operation, c: &RequestInfo<'_>) -> bool {
+    if !ports_match(o, c.destination_port) {
+        return false;
+    }
+    let Some(h) = &c.http else {
+        // L4: the L7 part is unknown and ignored (see Mode).
+        return true;
+    };
+    let host_only = h.host.rsplit_once(':').map_or(h.host, |(host, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            host
+        } else {
+            h.host
+        }
+    });
+    let host_match = |l: &[String]| {
+        l.iter()
+            .any(|p| string_match_ci(p, h.host) || string_match_ci(p, host_only))
+    };
+    field(&o.hosts, &o.not_hosts, host_match)
+        && field(&o.methods, &o.not_methods, |l| {
+            l.iter().any(|m| m == h.method)
+        })
+        && field(&o.paths, &o.not_paths, |l| any_match(l, h.path))
+}
+
+/// Hosts compare case-insensitively.
+fn string_match_ci(pattern: &str, value: &str) -> bool {
+    string_match(&pattern.to_ascii_lowercase(), &value.to_ascii_lowercase())
 }
 
 /// Istio string matching: exact, `prefix*`, `*suffix`, or `*` (any
@@ -267,7 +374,7 @@ fn field(pos: &[String], neg: &[String], m: impl Fn(&[String]) -> bool) -> bool 
     (pos.is_empty() || m(pos)) && (neg.is_empty() || !m(neg))
 }
 
-fn source_matches(s: &Source, c: &ConnInfo<'_>) -> bool {
+fn source_matches(s: &Source, c: &RequestInfo<'_>) -> bool {
     // Plaintext has no principal and no namespace: positive lists cannot
     // match it, negative ones do not exclude it.
     let (principal, namespace) = (c.principal(), c.source_namespace());
@@ -276,6 +383,13 @@ fn source_matches(s: &Source, c: &ConnInfo<'_>) -> bool {
     }) && field(&s.namespaces, &s.not_namespaces, |l| {
         any_match(l, &namespace)
     }) && field(&s.ip_blocks, &s.not_ip_blocks, |l| ip_match(l, c.source_ip))
+        // No JWT support: every request has an empty request principal, so
+        // `requestPrincipals` never matches and `notRequestPrincipals`
+        // always does (a policy requiring a JWT denies, never lets through).
+        && (c.http.is_none()
+            || field(&s.request_principals, &s.not_request_principals, |l| {
+                any_match(l, "")
+            }))
         && field(&s.remote_ip_blocks, &s.not_remote_ip_blocks, |l| {
             ip_match(l, c.source_ip)
         })
@@ -286,9 +400,22 @@ fn ports_match(o: &Operation, port: u16) -> bool {
     field(&o.ports, &o.not_ports, has)
 }
 
-fn condition_matches(w: &Condition, c: &ConnInfo<'_>) -> bool {
+fn condition_matches(w: &Condition, c: &RequestInfo<'_>) -> bool {
     let (principal, namespace) = (c.principal(), c.source_namespace());
     let m = |l: &[String]| -> bool {
+        if let (Some(h), Some(name)) = (
+            &c.http,
+            w.key
+                .strip_prefix("request.headers[")
+                .and_then(|k| k.strip_suffix(']')),
+        ) {
+            let value = h
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            return any_match(l, value);
+        }
         match w.key.as_str() {
             "source.ip" | "remote.ip" => ip_match(l, c.source_ip),
             "destination.ip" => ip_match(l, c.destination_ip),
@@ -704,5 +831,120 @@ workloads:
                 prop_assert!(eval(&after, conn));
             }
         }
+    }
+
+    /// Evaluate a request against the policies attached to service
+    /// `foo/httpbin` behind waypoint `foo/waypoint`.
+    fn check_http(
+        m: &MeshModel,
+        src: Option<&SpiffeId>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Decision {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let policies = waypoint_policies(m, "foo", "waypoint", "foo", "httpbin");
+        evaluate(
+            &policies,
+            &RequestInfo {
+                source_identity: src,
+                source_ip: "10.0.1.1".parse().unwrap(),
+                destination_ip: "10.96.0.1".parse().unwrap(),
+                destination_port: 8000,
+                http: Some(HttpAttrs {
+                    method,
+                    path,
+                    host: "httpbin.foo.svc.cluster.local:8000",
+                    headers: &map,
+                }),
+            },
+        )
+    }
+
+    const L7: &str = r#"
+services:
+  - {name: httpbin, namespace: foo, vips: [10.96.0.1], ports: [{port: 8000}], selector: {app: httpbin}}
+authorizationPolicies:
+  - metadata: {name: get-only, namespace: foo}
+    spec:
+      targetRefs: [{kind: Service, group: "", name: httpbin}]
+      action: ALLOW
+      rules:
+        - from: [{source: {principals: ["cluster.local/ns/bar/sa/sleep"]}}]
+          to: [{operation: {methods: ["GET"], paths: ["/info*", "/status/*"], hosts: ["httpbin.foo.svc.cluster.local"]}}]
+  - metadata: {name: no-admin, namespace: foo}
+    spec:
+      targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+      action: DENY
+      rules:
+        - to: [{operation: {paths: ["/admin*"]}}]
+        - when: [{key: "request.headers[x-evil]", values: ["*"]}]
+"#;
+
+    #[test]
+    fn l7_allow_matches_method_path_and_host_at_the_waypoint() {
+        let m = model(L7);
+        let sleep = id("bar", "sleep");
+        let d = check_http(&m, Some(&sleep), "GET", "/info", &[]);
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.policy.as_deref(), Some("foo/get-only"));
+        assert!(check_http(&m, Some(&sleep), "GET", "/status/200", &[]).allowed);
+        assert!(!check_http(&m, Some(&sleep), "POST", "/info", &[]).allowed);
+        assert!(!check_http(&m, Some(&sleep), "GET", "/headers", &[]).allowed);
+        assert!(!check_http(&m, Some(&id("bar", "other")), "GET", "/info", &[]).allowed);
+        assert!(!check_http(&m, None, "GET", "/info", &[]).allowed);
+    }
+
+    #[test]
+    fn l7_deny_on_path_or_header_wins() {
+        let m = model(L7);
+        let sleep = id("bar", "sleep");
+        let d = check_http(&m, Some(&sleep), "GET", "/admin/x", &[]);
+        assert!(!d.allowed);
+        assert_eq!(d.policy.as_deref(), Some("foo/no-admin"));
+        let d = check_http(&m, Some(&sleep), "GET", "/info", &[("x-evil", "1")]);
+        assert!(!d.allowed);
+        assert_eq!(d.policy.as_deref(), Some("foo/no-admin"));
+    }
+
+    #[test]
+    fn waypoint_policies_are_not_enforced_at_l4_and_l4_ones_not_at_the_waypoint() {
+        let m = model(&format!(
+            "{L7}  - metadata: {{name: l4, namespace: foo}}\n    spec: {{action: DENY, rules: [{{}}]}}\n"
+        ));
+        let names: Vec<_> = waypoint_policies(&m, "foo", "waypoint", "foo", "httpbin")
+            .iter()
+            .map(|p| p.metadata.name.clone())
+            .collect();
+        assert_eq!(names, ["get-only", "no-admin"]);
+        let web = m.workloads.iter().find(|w| w.name == "web").unwrap();
+        let l4: Vec<_> = applicable(&m, web)
+            .map(|p| p.metadata.name.clone())
+            .collect();
+        assert_eq!(l4, ["l4"]);
+    }
+
+    #[test]
+    fn a_policy_requiring_a_jwt_denies_without_jwt_support() {
+        let m = model(
+            r#"
+services:
+  - {name: httpbin, namespace: foo, vips: [10.96.0.1], ports: [{port: 8000}], selector: {app: httpbin}}
+authorizationPolicies:
+  - metadata: {name: require-jwt, namespace: foo}
+    spec:
+      targetRefs: [{kind: Service, name: httpbin}]
+      action: DENY
+      rules: [{from: [{source: {notRequestPrincipals: ["*"]}}]}]
+"#,
+        );
+        let d = check_http(&m, Some(&id("bar", "sleep")), "GET", "/", &[]);
+        assert!(!d.allowed, "{d:?}");
     }
 }

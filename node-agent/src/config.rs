@@ -7,20 +7,7 @@ use std::time::Duration;
 
 use mesh_core::hbone::HboneSettings;
 
-/// Where the certificate authority's root comes from in local mode.
-#[derive(Debug, Clone)]
-pub enum CaSource {
-    /// Load root certificate and key from PEM files; with `generate`, create
-    /// and save them first if the files do not exist yet.
-    Files {
-        cert: PathBuf,
-        key: PathBuf,
-        generate: bool,
-    },
-    /// A fresh in-memory root (single-agent use and tests only: peers of
-    /// another process would not trust it).
-    Ephemeral,
-}
+pub use mesh_core::identity::ca::CaSource;
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]

@@ -142,6 +142,16 @@ async fn handle_stream(
         stream.header("traceparent").map(str::to_string),
         stream.header("baggage").map(str::to_string),
     );
+    // A workload behind a waypoint only takes tunnels from that waypoint:
+    // anything else would skip its L7 policy.
+    if let Some(waypoint) = model.workload_waypoint(dst) {
+        let from_waypoint = waypoint.is_some_and(|g| model.is_waypoint_identity(g, &peer_id));
+        if !from_waypoint {
+            tracing::warn!(src = %peer, src.identity = %peer_id, %target, "HBONE bypasses the destination's waypoint");
+            ctx.metrics.refuse("inbound", "waypoint_bypassed");
+            return stream.reject(StatusCode::UNAUTHORIZED);
+        }
+    }
     let outcome = match authz::check(&model, &checked) {
         Err(d) => {
             authz::report(&ctx.metrics, &checked, &d, "new");
@@ -251,6 +261,12 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         source: peer,
         destination: target,
     };
+    // Plaintext cannot come from the waypoint: it would skip its L7 policy.
+    if model.workload_waypoint(dst).is_some() {
+        tracing::warn!(src = %peer, %target, "plaintext bypasses the destination's waypoint");
+        ctx.metrics.refuse("inbound", "waypoint_bypassed");
+        return reset_tcp(&tcp);
+    }
     let outcome = match authz::check(&model, &checked) {
         Err(d) => {
             authz::report(&ctx.metrics, &checked, &d, "new");

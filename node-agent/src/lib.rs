@@ -202,23 +202,7 @@ impl Drop for AgentHandle {
 
 /// Build the certificate authority the config asks for.
 pub fn load_ca(source: &CaSource, trust_domain: &str) -> Result<CertificateAuthority, AgentError> {
-    Ok(match source {
-        CaSource::Ephemeral => CertificateAuthority::generate(trust_domain)?,
-        CaSource::Files {
-            cert,
-            key,
-            generate,
-        } => {
-            if *generate && !cert.exists() && !key.exists() {
-                let ca = CertificateAuthority::generate(trust_domain)?;
-                ca.save(cert, key)?;
-                tracing::info!(cert = %cert.display(), "generated a new root CA");
-                ca
-            } else {
-                CertificateAuthority::load(trust_domain, cert, key)?
-            }
-        }
-    })
+    Ok(source.load(trust_domain)?)
 }
 
 /// Start the agent: load the mesh file, set up certificates, bind the admin
@@ -227,7 +211,7 @@ pub async fn start(
     cfg: AgentConfig,
     orig_dst: Arc<dyn OriginalDestination>,
 ) -> Result<AgentHandle, AgentError> {
-    let model = MeshModel::load(&cfg.mesh_file)?;
+    let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
     if !model.nodes.iter().any(|n| n.name == cfg.node) {
         return Err(AgentError::UnknownNode(cfg.node.clone()));
     }
@@ -300,7 +284,7 @@ pub async fn start(
         c.prune(&keep_ns, &keep_ips);
     }
     let tasks = vec![
-        tokio::spawn(watch_mesh_file(ctx.clone(), model_tx)),
+        tokio::spawn(watch_mesh_file(ctx.clone(), loaded, model_tx)),
         tokio::spawn(follow_model(ctx.clone())),
     ];
     Ok(AgentHandle {
@@ -313,72 +297,34 @@ pub async fn start(
     })
 }
 
-/// Poll the mesh file; apply a changed file only if it validates, otherwise
-/// keep the last good model and say why.
-async fn watch_mesh_file(ctx: Arc<Ctx>, tx: watch::Sender<Arc<MeshModel>>) {
-    let path = ctx.cfg.mesh_file.clone();
-    let mut last = std::fs::read(&path).ok();
-    loop {
-        tokio::time::sleep(ctx.cfg.reload_interval).await;
-        let now = match tokio::fs::read(&path).await {
-            Ok(b) => Some(b),
-            Err(e) => {
-                if last.is_some() {
-                    tracing::error!(file = %path.display(), error = %e, "cannot read mesh file; keeping the last good model");
-                    ctx.metrics
-                        .config_updates
-                        .get_or_create(&ResultLabels { result: "rejected" })
-                        .inc();
-                }
-                None
+/// Follow the mesh file; besides validation, an update must keep this
+/// agent's node.
+async fn watch_mesh_file(ctx: Arc<Ctx>, loaded: Vec<u8>, tx: watch::Sender<Arc<MeshModel>>) {
+    let node = ctx.cfg.node.clone();
+    mesh_core::model::watch::follow_mesh_file(
+        ctx.cfg.mesh_file.clone(),
+        loaded,
+        ctx.cfg.reload_interval,
+        tx,
+        |_, next| {
+            if next.nodes.iter().any(|n| n.name == node) {
+                Ok(())
+            } else {
+                Err((
+                    "nodes".into(),
+                    format!("this agent's node {node:?} is missing"),
+                ))
             }
-        };
-        if now.is_none() || now == last {
-            last = now.or(last);
-            continue;
-        }
-        let bytes = now.expect("checked above");
-        let text = String::from_utf8_lossy(&bytes);
-        let result = MeshModel::from_yaml(&text, &path.display().to_string()).and_then(|m| {
-            let current = ctx.model();
-            if m.trust_domain != current.trust_domain {
-                return Err(ModelError {
-                    source_name: path.display().to_string(),
-                    field: "trustDomain".into(),
-                    reason: format!(
-                        "cannot change from {:?} while running; restart the agent",
-                        current.trust_domain
-                    ),
-                });
-            }
-            if !m.nodes.iter().any(|n| n.name == ctx.cfg.node) {
-                return Err(ModelError {
-                    source_name: path.display().to_string(),
-                    field: "nodes".into(),
-                    reason: format!("this agent's node {:?} is missing", ctx.cfg.node),
-                });
-            }
-            Ok(m)
-        });
-        match result {
-            Ok(m) => {
-                tracing::info!(file = %path.display(), workloads = m.workloads.len(), services = m.services.len(), "mesh model updated");
-                ctx.metrics
-                    .config_updates
-                    .get_or_create(&ResultLabels { result: "applied" })
-                    .inc();
-                tx.send_replace(Arc::new(m));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "mesh file update rejected; keeping the last good model");
-                ctx.metrics
-                    .config_updates
-                    .get_or_create(&ResultLabels { result: "rejected" })
-                    .inc();
-            }
-        }
-        last = Some(bytes);
-    }
+        },
+        |applied| {
+            let result = if applied { "applied" } else { "rejected" };
+            ctx.metrics
+                .config_updates
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        },
+    )
+    .await
 }
 
 /// Re-reconcile local workloads whenever the model changes.

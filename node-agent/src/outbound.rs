@@ -1,8 +1,8 @@
 //! What happens to an outbound connection: a captured TCP connection from a
 //! local workload is matched to its original destination, resolved in the
 //! mesh model (workload IP or service VIP → endpoint), and tunnelled over
-//! HBONE to the destination's agent — or, for destinations outside the mesh,
-//! passed through. A connection the agent cannot place is reset, never sent
+//! HBONE to the destination's agent — or to the destination's waypoint
+//! when it has one, or, for destinations outside the mesh, passed through. A connection the agent cannot place is reset, never sent
 //! somewhere guessed.
 
 use std::net::{IpAddr, SocketAddr};
@@ -61,18 +61,64 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
     let Some(src) = model.workload_by_ip(src_ip) else {
         return refuse(tcp, "unknown_source", &src_ip);
     };
-    let service = match model.destination(dst) {
+    let (service, waypoint) = match model.destination(dst) {
         Destination::External => return passthrough(tcp, peer, dst, &model, src, None, &ctx).await,
-        Destination::Service(svc, _) => Some(svc),
-        Destination::Workload(_) => None,
+        Destination::Service(svc, _) => (Some(svc), model.service_waypoint(svc)),
+        Destination::Workload(w) => (None, model.workload_waypoint(w)),
     };
-    let Some(ep) = model.pick_endpoint(dst) else {
-        return refuse(tcp, "no_endpoints", &dst);
+    // Traffic for a destination with a waypoint goes to the waypoint, with
+    // the original destination as the tunnel's authority — unless it comes
+    // from that waypoint (never loop through it twice).
+    let waypoint = match waypoint {
+        Some(Some(gw)) if !model.waypoint_workloads(gw).any(|w| std::ptr::eq(w, src)) => {
+            match model.pick_waypoint_workload(gw) {
+                Some(w) => Some(w),
+                None => {
+                    return refuse(
+                        tcp,
+                        "waypoint_unavailable",
+                        &format!(
+                            "waypoint {}/{} has no pods",
+                            gw.metadata.namespace, gw.metadata.name
+                        ),
+                    )
+                }
+            }
+        }
+        // A waypoint is asked for but does not exist: refusing is safer
+        // than skipping the L7 policy it would enforce.
+        Some(None) => return refuse(tcp, "waypoint_missing", &dst),
+        _ => None,
     };
-    if !model.is_enrolled(ep.workload) {
+    let ep = match waypoint {
+        Some(w) => {
+            let ip = w
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+                .or_else(|| w.ips.first())
+                .copied();
+            let Some(ip) = ip else {
+                return refuse(tcp, "waypoint_unavailable", &dst);
+            };
+            mesh_core::model::Endpoint {
+                workload: w,
+                // The HBONE address is the waypoint's; the authority stays
+                // what the client dialled.
+                addr: SocketAddr::new(ip, dst.port()),
+                service,
+            }
+        }
+        None => match model.pick_endpoint(dst) {
+            Some(ep) => ep,
+            None => return refuse(tcp, "no_endpoints", &dst),
+        },
+    };
+    if waypoint.is_none() && !model.is_enrolled(ep.workload) {
         // Istio sends plaintext to destinations that are not in the mesh.
         return passthrough(tcp, peer, ep.addr, &model, src, Some(ep.workload), &ctx).await;
     }
+    let authority = if waypoint.is_some() { dst } else { ep.addr };
     let src_id = model.identity(src);
     let dst_id = model.identity(ep.workload);
     let mut headers = HeaderMap::new();
@@ -93,7 +139,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         source: src_id.clone(),
         destination_identity: dst_id.clone(),
         hbone_addr: SocketAddr::new(ep.addr.ip(), ctx.cfg.hbone_port),
-        authority: ep.addr,
+        authority,
         headers,
     };
     let stream = match ctx.connector.connect(&req).await {
@@ -123,7 +169,11 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         src_workload: Some(format!("{}/{}", src.namespace, src.name)),
         dst_workload: Some(format!("{}/{}", ep.workload.namespace, ep.workload.name)),
         mtls: true,
-        policy: "enforced at the destination".into(),
+        policy: if waypoint.is_some() {
+            "via waypoint; enforced there and at the destination".into()
+        } else {
+            "enforced at the destination".into()
+        },
         traceparent: None,
         baggage: None,
     };

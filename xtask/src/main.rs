@@ -104,7 +104,7 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup()?;
             build_ebpf(&root)?;
-            run(cargo().args(["build", "--release", "-p", "node-agent"]))?;
+            run(cargo().args(["build", "--release", "-p", "node-agent", "-p", "waypoint"]))?;
             run(cargo().args([
                 "run",
                 "--release",
@@ -133,7 +133,7 @@ fn main() -> Result<()> {
             }
             // The end-to-end tests run the real agent binary; as root with the
             // eBPF object built they must run, not skip.
-            run(cargo().args(["build", "-p", "node-agent", "--bins"]))?;
+            run(cargo().args(["build", "-p", "node-agent", "-p", "waypoint", "--bins"]))?;
             run_tests(
                 cargo()
                     .args(["test", "--workspace"])
@@ -144,13 +144,16 @@ fn main() -> Result<()> {
     }
 }
 
-/// Debian packages the eBPF build and the namespace tests need.
+/// Debian packages the eBPF build and the namespace tests need (curl and
+/// h2load are the real HTTP clients of the waypoint tests).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
     "libpolly-22-dev",
     "iproute2",
+    "curl",
+    "nghttp2-client",
 ];
 
 fn apt_installed(pkg: &str) -> bool {

@@ -5,9 +5,11 @@
 //!   carrying half-close, resets and backpressure faithfully.
 //! - [`server`] terminates HBONE connections and hands each CONNECT stream
 //!   to the caller.
+//! - [`io`] turns a stream into a byte stream for protocols inside it.
 //! - [`pool`] opens CONNECT streams, multiplexing many over one TLS
 //!   connection per (source identity, destination identity, address).
 
+pub mod io;
 pub mod pool;
 pub mod server;
 pub mod splice;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 
+pub use io::H2Io;
 pub use pool::{ConnectRequest, HboneConnector, PoolStats};
 pub use server::InboundStream;
 pub use splice::{splice, SpliceError, Transferred};

@@ -4,7 +4,7 @@
 //! over the network. Callers always present a CSR, so private keys never leave
 //! the process that uses them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
@@ -262,6 +262,44 @@ pub fn new_key_and_csr(
     params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
     let csr = params.serialize_request(&key)?;
     Ok((key, csr.der().clone()))
+}
+
+/// Where the certificate authority's root comes from in local mode.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// Load root certificate and key from PEM files; with `generate`, create
+    /// and save them first if the files do not exist yet.
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        generate: bool,
+    },
+    /// A fresh in-memory root (single-agent use and tests only: peers of
+    /// another process would not trust it).
+    Ephemeral,
+}
+
+impl CaSource {
+    /// Build the certificate authority this source describes.
+    pub fn load(&self, trust_domain: &str) -> Result<CertificateAuthority, CaError> {
+        Ok(match self {
+            CaSource::Ephemeral => CertificateAuthority::generate(trust_domain)?,
+            CaSource::Files {
+                cert,
+                key,
+                generate,
+            } => {
+                if *generate && !cert.exists() && !key.exists() {
+                    let ca = CertificateAuthority::generate(trust_domain)?;
+                    ca.save(cert, key)?;
+                    tracing::info!(cert = %cert.display(), "generated a new root CA");
+                    ca
+                } else {
+                    CertificateAuthority::load(trust_domain, cert, key)?
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicUsize;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use super::gateway::{self, DestinationRule, Gateway, HttpRoute};
 use super::policy::{AuthorizationAction, AuthorizationPolicy, PeerAuthentication, Rule};
 use super::{MeshModel, Namespace, Node, Service, Workload};
 
@@ -47,6 +48,13 @@ pub struct MeshFile {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     #[serde(default)]
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Waypoints (Gateway API `Gateway`, class `istio-waypoint`).
+    #[serde(default)]
+    pub gateways: Vec<Gateway>,
+    #[serde(default)]
+    pub http_routes: Vec<HttpRoute>,
+    #[serde(default)]
+    pub destination_rules: Vec<DestinationRule>,
 }
 
 fn default_trust_domain() -> String {
@@ -60,13 +68,24 @@ fn default_root_namespace() -> String {
 impl MeshModel {
     /// Read and validate a mesh file.
     pub fn load(path: &Path) -> Result<MeshModel, ModelError> {
+        Self::load_with_bytes(path).map(|(m, _)| m)
+    }
+
+    /// Read and validate a mesh file; also returns the bytes the model was
+    /// built from (what a watcher compares later reads against).
+    pub fn load_with_bytes(path: &Path) -> Result<(MeshModel, Vec<u8>), ModelError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError {
+        let bytes = std::fs::read(path).map_err(|e| ModelError {
             source_name: name.clone(),
             field: "(file)".into(),
             reason: format!("cannot read: {e}"),
         })?;
-        Self::from_yaml(&text, &name)
+        let text = String::from_utf8(bytes.clone()).map_err(|e| ModelError {
+            source_name: name.clone(),
+            field: "(file)".into(),
+            reason: format!("not UTF-8: {e}"),
+        })?;
+        Ok((Self::from_yaml(&text, &name)?, bytes))
     }
 
     /// Parse and validate mesh YAML; `source_name` names it in errors.
@@ -330,6 +349,8 @@ impl MeshModel {
             }
         }
 
+        check_l7_objects(&f).map_err(|(field, reason)| err(field, reason))?;
+
         let cursors = f.services.iter().map(|_| AtomicUsize::new(0)).collect();
         Ok(MeshModel {
             trust_domain: f.trust_domain,
@@ -340,11 +361,15 @@ impl MeshModel {
             services: f.services,
             authorization_policies: f.authorization_policies,
             peer_authentications: f.peer_authentications,
+            gateways: f.gateways,
+            http_routes: f.http_routes,
+            destination_rules: f.destination_rules,
             source: source_name.to_string(),
             by_ip,
             by_vip,
             endpoints,
             cursors,
+            waypoint_cursor: AtomicUsize::new(0),
         })
     }
 
@@ -361,6 +386,162 @@ impl MeshModel {
         )
         .expect("an empty mesh is valid")
     }
+}
+
+/// Gateways, HTTPRoutes and DestinationRules: shapes, names, and that
+/// every reference names something in the file.
+fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
+    let service = |ns: &str, name: &str| {
+        f.services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
+    };
+    let mut names = HashSet::new();
+    for (i, g) in f.gateways.iter().enumerate() {
+        let at = |field: &str| format!("gateways[{i}].{field}");
+        gateway::check_api(
+            &g.api_version,
+            &g.kind,
+            &["gateway.networking.k8s.io"],
+            "Gateway",
+        )
+        .map_err(|(f, r)| (at(&f), r))?;
+        check_dns_label(&g.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
+        if !names.insert((&g.metadata.namespace, &g.metadata.name)) {
+            return Err((
+                at("metadata.name"),
+                format!(
+                    "duplicate Gateway {}/{}",
+                    g.metadata.namespace, g.metadata.name
+                ),
+            ));
+        }
+        if !g.is_waypoint() {
+            return Err((
+                at("spec.gatewayClassName"),
+                format!(
+                    "{:?}: only waypoints (class {}) are served by Sluice",
+                    g.spec.gateway_class_name,
+                    gateway::WAYPOINT_CLASS
+                ),
+            ));
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, r) in f.http_routes.iter().enumerate() {
+        let at = |field: &str| format!("httpRoutes[{i}].{field}");
+        gateway::check_api(
+            &r.api_version,
+            &r.kind,
+            &["gateway.networking.k8s.io"],
+            "HTTPRoute",
+        )
+        .map_err(|(f, r)| (at(&f), r))?;
+        check_dns_label(&r.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
+        if !names.insert((&r.metadata.namespace, &r.metadata.name)) {
+            return Err((
+                at("metadata.name"),
+                format!(
+                    "duplicate HTTPRoute {}/{}",
+                    r.metadata.namespace, r.metadata.name
+                ),
+            ));
+        }
+        if r.spec.parent_refs.is_empty() {
+            return Err((
+                at("spec.parentRefs"),
+                "a route needs a parent service".into(),
+            ));
+        }
+        for (j, p) in r.spec.parent_refs.iter().enumerate() {
+            let ns = p.namespace.as_deref().unwrap_or(&r.metadata.namespace);
+            if !p.is_service() {
+                return Err((
+                    at(&format!("spec.parentRefs[{j}]")),
+                    "mesh routes attach to a Service (group \"\", kind Service)".into(),
+                ));
+            }
+            let Some(svc) = service(ns, &p.name) else {
+                return Err((
+                    at(&format!("spec.parentRefs[{j}].name")),
+                    format!("unknown service {ns}/{}", p.name),
+                ));
+            };
+            if let Some(port) = p.port {
+                if !svc.ports.iter().any(|sp| sp.port == port) {
+                    return Err((
+                        at(&format!("spec.parentRefs[{j}].port")),
+                        format!("service {ns}/{} has no port {port}", p.name),
+                    ));
+                }
+            }
+        }
+        for (j, rule) in r.spec.rules.iter().enumerate() {
+            let at_rule = |field: &str| at(&format!("spec.rules[{j}].{field}"));
+            gateway::check_rule(rule).map_err(|(f, r)| (at_rule(&f), r))?;
+            let mirrors = rule
+                .filters
+                .iter()
+                .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref));
+            let backends = rule.backend_refs.iter().map(|b| &b.backend);
+            for (k, b) in backends.chain(mirrors).enumerate() {
+                if b.group.as_deref().is_some_and(|g| !g.is_empty())
+                    || b.kind.as_deref().is_some_and(|k| k != "Service")
+                {
+                    return Err((
+                        at_rule(&format!("backendRefs[{k}]")),
+                        "backends are Services".into(),
+                    ));
+                }
+                let ns = b.namespace.as_deref().unwrap_or(&r.metadata.namespace);
+                let Some(svc) = service(ns, &b.name) else {
+                    return Err((
+                        at_rule(&format!("backendRefs[{k}].name")),
+                        format!("unknown service {ns}/{}", b.name),
+                    ));
+                };
+                if let Some(port) = b.port {
+                    if !svc.ports.iter().any(|sp| sp.port == port) {
+                        return Err((
+                            at_rule(&format!("backendRefs[{k}].port")),
+                            format!("service {ns}/{} has no port {port}", b.name),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, d) in f.destination_rules.iter().enumerate() {
+        let at = |field: &str| format!("destinationRules[{i}].{field}");
+        gateway::check_api(
+            &d.api_version,
+            &d.kind,
+            &["networking.istio.io"],
+            "DestinationRule",
+        )
+        .map_err(|(f, r)| (at(&f), r))?;
+        check_dns_label(&d.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
+        if !names.insert((&d.metadata.namespace, &d.metadata.name)) {
+            return Err((
+                at("metadata.name"),
+                format!(
+                    "duplicate DestinationRule {}/{}",
+                    d.metadata.namespace, d.metadata.name
+                ),
+            ));
+        }
+        let (name, ns) = super::split_host(&d.spec.host, &d.metadata.namespace);
+        if service(ns, name).is_none() {
+            return Err((
+                at("spec.host"),
+                format!("{:?} names no service in the mesh", d.spec.host),
+            ));
+        }
+        gateway::check_traffic_policy(&d.spec.traffic_policy)
+            .map_err(|(f, r)| (at(&format!("spec.{f}")), r))?;
+    }
+    Ok(())
 }
 
 fn check_kind(
@@ -748,5 +929,119 @@ workloads:
             .map(|w| w.name.as_str())
             .collect();
         assert_eq!(enrolled, ["a", "d"]);
+    }
+
+    /// GOOD plus L7 objects; `route` is appended inside `httpRoutes`.
+    fn with_route(rule: &str) -> String {
+        format!(
+            "{GOOD}gateways:\n  - metadata: {{name: waypoint, namespace: shop}}\n    spec: {{gatewayClassName: istio-waypoint}}\nhttpRoutes:\n  - metadata: {{name: r, namespace: shop}}\n    spec:\n      parentRefs: [{{name: echo}}]\n      rules: [{rule}]\n"
+        )
+    }
+
+    #[test]
+    fn l7_objects_are_validated_with_field_paths() {
+        assert!(
+            MeshModel::from_yaml(&with_route("{backendRefs: [{name: echo, port: 80}]}"), "m")
+                .is_ok()
+        );
+        let cases = [
+            (
+                "{matches: [{path: {type: RegularExpression, value: \"([\"}}]}",
+                "spec.rules[0].matches[0].path.value",
+                "regular expression",
+            ),
+            (
+                "{backendRefs: [{name: nope, port: 80}]}",
+                "spec.rules[0].backendRefs[0].name",
+                "unknown service shop/nope",
+            ),
+            (
+                "{backendRefs: [{name: echo, port: 81}]}",
+                "spec.rules[0].backendRefs[0].port",
+                "no port 81",
+            ),
+            (
+                "{timeouts: {request: soon}}",
+                "spec.rules[0].timeouts.request",
+                "not a duration",
+            ),
+            (
+                "{retry: {retryOn: [sometimes]}}",
+                "spec.rules[0].retry.retryOn[0]",
+                "unknown condition",
+            ),
+            (
+                "{fault: {abort: {httpStatus: 503, percentage: 150}}}",
+                "spec.rules[0].fault.abort.percentage",
+                "percentage",
+            ),
+            (
+                "{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]}",
+                "spec.rules[0].filters[0].requestRedirect.statusCode",
+                "301 or 302",
+            ),
+            (
+                "{filters: [{type: URLRewrite}]}",
+                "spec.rules[0].filters[0].type",
+                "exactly its own field",
+            ),
+            (
+                "{rateLimit: {requests: 0}}",
+                "spec.rules[0].rateLimit.requests",
+                "at least 1",
+            ),
+        ];
+        for (rule, field, reason) in cases {
+            let e = err_of(&with_route(rule));
+            assert_eq!(e.field, format!("httpRoutes[0].{field}"), "{rule}: {e}");
+            assert!(e.reason.contains(reason), "{rule}: {e}");
+        }
+        let e = err_of(&format!(
+            "{GOOD}gateways:\n  - metadata: {{name: gw, namespace: shop}}\n    spec: {{gatewayClassName: nginx}}\n"
+        ));
+        assert_eq!(e.field, "gateways[0].spec.gatewayClassName");
+        let e = err_of(&format!(
+            "{GOOD}destinationRules:\n  - metadata: {{name: d, namespace: shop}}\n    spec: {{host: nope}}\n"
+        ));
+        assert_eq!(e.field, "destinationRules[0].spec.host");
+    }
+
+    #[test]
+    fn waypoint_use_follows_istio_labels() {
+        let yaml = GOOD.replace(
+            "services:",
+            "namespaces:\n  - {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\nservices:",
+        );
+        let base = format!(
+            "{yaml}gateways:\n  - metadata: {{name: waypoint, namespace: shop}}\n    spec: {{gatewayClassName: istio-waypoint}}\n"
+        );
+        let m = MeshModel::from_yaml(&base, "m").unwrap();
+        let echo = m.service("shop", "echo").unwrap();
+        assert_eq!(
+            m.service_waypoint(echo)
+                .flatten()
+                .map(|g| g.metadata.name.as_str()),
+            Some("waypoint")
+        );
+        // Service traffic only by default: pods addressed directly do not.
+        assert!(m.workload_waypoint(&m.workloads[1]).is_none());
+        // A service opts out with `none`; a missing waypoint is reported.
+        let opt_out = base.replace(
+            "selector: {app: echo}",
+            "selector: {app: echo}\n    labels: {istio.io/use-waypoint: none}",
+        );
+        let m = MeshModel::from_yaml(&opt_out, "m").unwrap();
+        assert!(m
+            .service_waypoint(m.service("shop", "echo").unwrap())
+            .is_none());
+        let missing = base.replace(
+            "istio.io/use-waypoint: waypoint",
+            "istio.io/use-waypoint: ghost",
+        );
+        let m = MeshModel::from_yaml(&missing, "m").unwrap();
+        assert!(matches!(
+            m.service_waypoint(m.service("shop", "echo").unwrap()),
+            Some(None)
+        ));
     }
 }

@@ -6,7 +6,9 @@
 //! whole model, so a reader never sees half an update.
 
 pub mod file;
+pub mod gateway;
 pub mod policy;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 pub use file::ModelError;
+pub use gateway::{DestinationRule, Gateway, HttpRoute};
 pub use policy::{AuthorizationPolicy, PeerAuthentication};
 
 /// Istio's label for enrollment: `ambient` enrolls a namespace, `none` opts
@@ -23,6 +26,8 @@ pub use policy::{AuthorizationPolicy, PeerAuthentication};
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// Istio's label naming the waypoint a namespace or service uses.
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// Istio's label naming the namespace of that waypoint (default: the same).
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
 
 /// A machine running one node agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +147,9 @@ pub struct MeshModel {
     pub services: Vec<Service>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    pub gateways: Vec<Gateway>,
+    pub http_routes: Vec<HttpRoute>,
+    pub destination_rules: Vec<DestinationRule>,
     /// Where the model came from (file path or "inline").
     pub source: String,
     #[serde(skip)]
@@ -154,6 +162,9 @@ pub struct MeshModel {
     /// Round-robin cursor per service.
     #[serde(skip)]
     cursors: Vec<AtomicUsize>,
+    /// Round-robin cursor over waypoint pods.
+    #[serde(skip)]
+    waypoint_cursor: AtomicUsize,
 }
 
 /// Where a destination address lands in the mesh.
@@ -286,4 +297,129 @@ impl MeshModel {
     pub fn service_hostname(&self, svc: &Service) -> String {
         format!("{}.{}.svc.cluster.local", svc.name, svc.namespace)
     }
+
+    /// Find a service by namespace and name.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+    }
+
+    /// The waypoint Gateway named by `labels` (`istio.io/use-waypoint`,
+    /// optionally `istio.io/use-waypoint-namespace`), looked up from
+    /// `namespace`. `Some(None)` means the label names a waypoint that does
+    /// not exist; `None` means no waypoint is asked for (absent or `none`).
+    fn waypoint_named<'a>(
+        &'a self,
+        labels: &BTreeMap<String, String>,
+        namespace: &str,
+    ) -> Option<Option<&'a Gateway>> {
+        let name = labels.get(USE_WAYPOINT_LABEL)?;
+        if name == "none" || name.is_empty() {
+            return None;
+        }
+        let ns = labels
+            .get(USE_WAYPOINT_NAMESPACE_LABEL)
+            .map(String::as_str)
+            .unwrap_or(namespace);
+        Some(
+            self.gateways.iter().find(|g| {
+                g.is_waypoint() && &g.metadata.name == name && g.metadata.namespace == ns
+            }),
+        )
+    }
+
+    /// The waypoint that service traffic to `svc` goes through: the
+    /// service's label wins (`none` opts it out), then its namespace's.
+    /// `Some(None)`: a waypoint is asked for but missing (callers refuse the
+    /// traffic rather than skip the L7 policy it may carry).
+    pub fn service_waypoint(&self, svc: &Service) -> Option<Option<&Gateway>> {
+        let waypoint = if svc.labels.contains_key(USE_WAYPOINT_LABEL) {
+            self.waypoint_named(&svc.labels, &svc.namespace)
+        } else {
+            self.waypoint_named(self.namespace_labels(&svc.namespace)?, &svc.namespace)
+        };
+        waypoint.filter(|g| {
+            g.is_none_or(|g| {
+                matches!(
+                    g.waypoint_for(),
+                    gateway::WaypointFor::Service | gateway::WaypointFor::All
+                )
+            })
+        })
+    }
+
+    /// The waypoint that traffic addressed to the workload itself goes
+    /// through (only waypoints for `workload` or `all` traffic).
+    pub fn workload_waypoint(&self, w: &Workload) -> Option<Option<&Gateway>> {
+        let waypoint = if w.labels.contains_key(USE_WAYPOINT_LABEL) {
+            self.waypoint_named(&w.labels, &w.namespace)
+        } else {
+            self.waypoint_named(self.namespace_labels(&w.namespace)?, &w.namespace)
+        };
+        waypoint.filter(|g| {
+            g.is_none_or(|g| {
+                matches!(
+                    g.waypoint_for(),
+                    gateway::WaypointFor::Workload | gateway::WaypointFor::All
+                )
+            })
+        })
+    }
+
+    /// The pods running a waypoint.
+    pub fn waypoint_workloads<'a>(&'a self, g: &'a Gateway) -> impl Iterator<Item = &'a Workload> {
+        self.workloads.iter().filter(move |w| {
+            w.namespace == g.metadata.namespace
+                && w.labels.get(gateway::GATEWAY_NAME_LABEL) == Some(&g.metadata.name)
+        })
+    }
+
+    /// A pod of the waypoint to send to (round robin by a shared cursor).
+    pub fn pick_waypoint_workload<'a>(&'a self, g: &'a Gateway) -> Option<&'a Workload> {
+        let pods: Vec<&Workload> = self.waypoint_workloads(g).collect();
+        if pods.is_empty() {
+            return None;
+        }
+        let n = self.waypoint_cursor.fetch_add(1, Ordering::Relaxed);
+        Some(pods[n % pods.len()])
+    }
+
+    /// Whether `id` is the identity of one of the waypoint's pods.
+    pub fn is_waypoint_identity(&self, g: &Gateway, id: &SpiffeId) -> bool {
+        self.waypoint_workloads(g).any(|w| &self.identity(w) == id)
+    }
+
+    /// The HTTPRoutes attached to a service port.
+    pub fn routes_for<'a>(
+        &'a self,
+        svc: &'a Service,
+        port: u16,
+    ) -> impl Iterator<Item = &'a HttpRoute> {
+        self.http_routes.iter().filter(move |r| {
+            r.spec.parent_refs.iter().any(|p| {
+                p.is_service()
+                    && p.name == svc.name
+                    && p.namespace.as_deref().unwrap_or(&r.metadata.namespace) == svc.namespace
+                    && p.port.is_none_or(|pp| pp == port)
+            })
+        })
+    }
+
+    /// The DestinationRule for a service (the first one, in file order).
+    pub fn destination_rule(&self, svc: &Service) -> Option<&DestinationRule> {
+        self.destination_rules.iter().find(|d| {
+            let (name, ns) = split_host(&d.spec.host, &d.metadata.namespace);
+            name == svc.name && ns == svc.namespace
+        })
+    }
+}
+
+/// Split a service host as DestinationRules write it (`name`,
+/// `name.namespace`, `name.namespace.svc[.cluster.local]`) into name and
+/// namespace; a bare name is in `default_ns`.
+pub fn split_host<'a>(host: &'a str, default_ns: &'a str) -> (&'a str, &'a str) {
+    let mut parts = host.split('.');
+    let name = parts.next().unwrap_or(host);
+    (name, parts.next().unwrap_or(default_ns))
 }

@@ -1,0 +1,327 @@
+//! Sluice's waypoint: the optional L7 proxy of a namespace or service
+//! (`istio.io/use-waypoint`). Node agents send service traffic to it over
+//! HBONE with the source pod's identity; it terminates the tunnel, speaks
+//! HTTP/1.1 or HTTP/2 inside, routes and enforces L7 policy
+//! ([`proxy`]), and forwards over HBONE to the chosen endpoint's node
+//! agent with its own identity.
+//!
+//! Stages: [`inbound`] (tunnels in) → [`routes`] → [`proxy`] (policy,
+//! limits, faults, retries) → [`balancer`] → [`upstream`] (tunnels out);
+//! [`telemetry`] and the admin endpoint on the side.
+
+pub mod admin;
+pub mod balancer;
+pub mod inbound;
+pub mod proxy;
+pub mod ratelimit;
+pub mod routes;
+pub mod telemetry;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::hbone::{HboneConnector, HboneSettings, HBONE_PORT};
+use mesh_core::identity::ca::CaSource;
+use mesh_core::identity::{CertificateStore, LocalSigner, SpiffeId};
+use mesh_core::model::{MeshModel, ModelError, Service};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::balancer::Balancer;
+use crate::ratelimit::RateLimiter;
+use crate::routes::{RouteError, RouteTable};
+use crate::telemetry::{ResultLabels, WaypointMetrics};
+use crate::upstream::Upstream;
+
+/// Everything a waypoint needs to run.
+#[derive(Debug, Clone)]
+pub struct WaypointConfig {
+    /// The Gateway this process serves.
+    pub namespace: String,
+    pub name: String,
+    /// The waypoint pod this process is (its identity, addresses, node).
+    pub workload: String,
+    pub mesh_file: PathBuf,
+    pub reload_interval: Duration,
+    pub ca: CaSource,
+    pub cert_ttl: Duration,
+    /// Where HBONE is served; default: the pod's addresses on 15008.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// Metrics (`/stats/prometheus`), readiness (`/healthz/ready`) and
+    /// `/config_dump`.
+    pub admin_addr: SocketAddr,
+    pub hbone: HboneSettings,
+    pub handshake_timeout: Duration,
+    /// Time a client has to send a request's headers (slowloris guard).
+    pub header_timeout: Duration,
+    /// Largest request header block accepted.
+    pub max_header_bytes: usize,
+}
+
+impl WaypointConfig {
+    pub fn new(namespace: &str, name: &str, workload: &str, mesh_file: PathBuf) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            workload: workload.into(),
+            mesh_file,
+            reload_interval: Duration::from_secs(1),
+            ca: CaSource::Ephemeral,
+            cert_ttl: Duration::from_secs(24 * 3600),
+            listen: None,
+            admin_addr: "127.0.0.1:15020".parse().expect("static address"),
+            hbone: HboneSettings::default(),
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Why a waypoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointError {
+    #[error("mesh file rejected: {0}")]
+    Model(#[from] ModelError),
+    #[error("waypoint {0} is not a Gateway of class istio-waypoint in the mesh file")]
+    UnknownGateway(String),
+    #[error(
+        "workload {0} is not a pod of this waypoint (label gateway.networking.k8s.io/gateway-name)"
+    )]
+    UnknownWorkload(String),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] mesh_core::identity::CaError),
+    #[error("certificates: {0}")]
+    Certs(#[from] mesh_core::identity::certs::CertError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Compiled route tables of the current model.
+struct RouteCache {
+    model: usize,
+    tables: HashMap<(String, String, u16), Arc<RouteTable>>,
+}
+
+/// State shared by every task of the waypoint.
+pub struct Ctx {
+    pub cfg: WaypointConfig,
+    model: watch::Receiver<Arc<MeshModel>>,
+    pub identity: SpiffeId,
+    /// The node the waypoint pod runs on (for locality).
+    pub node: Option<String>,
+    pub certs: Arc<CertificateStore>,
+    pub upstream: Upstream,
+    pub balancer: Arc<Balancer>,
+    pub limiter: RateLimiter,
+    pub metrics: WaypointMetrics,
+    pub registry: Registry,
+    routes: Mutex<RouteCache>,
+    pub active_requests: AtomicUsize,
+    pub active_retries: AtomicUsize,
+}
+
+impl Ctx {
+    /// The current mesh model.
+    pub fn model(&self) -> Arc<MeshModel> {
+        self.model.borrow().clone()
+    }
+
+    /// The compiled routes of a service port (cached per model version).
+    pub fn routes(
+        &self,
+        model: &Arc<MeshModel>,
+        svc: &Service,
+        port: u16,
+    ) -> Result<Arc<RouteTable>, RouteError> {
+        let version = Arc::as_ptr(model) as usize;
+        let key = (svc.namespace.clone(), svc.name.clone(), port);
+        {
+            let cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.model == version {
+                if let Some(t) = cache.tables.get(&key) {
+                    return Ok(t.clone());
+                }
+            }
+        }
+        let table = Arc::new(RouteTable::build(model, svc, port)?);
+        let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.model != version {
+            cache.model = version;
+            cache.tables.clear();
+        }
+        cache.tables.insert(key, table.clone());
+        Ok(table)
+    }
+
+    /// Whether this process serves the waypoint `gw`.
+    pub fn is_me(&self, gw: &mesh_core::model::Gateway) -> bool {
+        gw.metadata.namespace == self.cfg.namespace && gw.metadata.name == self.cfg.name
+    }
+}
+
+/// A running waypoint; stops when dropped.
+pub struct WaypointHandle {
+    pub ctx: Arc<Ctx>,
+    /// Where HBONE is served.
+    pub hbone_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl WaypointHandle {
+    pub fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for WaypointHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Start the waypoint: load the model, find itself in it, get its
+/// certificate, listen for HBONE and follow the mesh file.
+pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError> {
+    let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
+    let gw = model
+        .gateways
+        .iter()
+        .find(|g| {
+            g.is_waypoint() && g.metadata.namespace == cfg.namespace && g.metadata.name == cfg.name
+        })
+        .ok_or_else(|| WaypointError::UnknownGateway(format!("{}/{}", cfg.namespace, cfg.name)))?;
+    let me = model
+        .waypoint_workloads(gw)
+        .find(|w| w.name == cfg.workload)
+        .ok_or_else(|| {
+            WaypointError::UnknownWorkload(format!("{}/{}", cfg.namespace, cfg.workload))
+        })?;
+    let identity = model.identity(me);
+    let node = Some(me.node.clone());
+    let listen = cfg.listen.clone().unwrap_or_else(|| {
+        me.ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, HBONE_PORT))
+            .collect()
+    });
+    let ca = Arc::new(cfg.ca.load(&model.trust_domain)?);
+    let root = ca.root().clone();
+    let certs = CertificateStore::new(
+        Arc::new(LocalSigner {
+            ca,
+            ttl: cfg.cert_ttl,
+        }),
+        vec![root],
+        &model.trust_domain,
+    )?;
+    let _ = certs.ensure(&identity);
+    let connector = HboneConnector::new(certs.clone(), cfg.hbone.clone());
+    let upstream = Upstream::new(connector, identity.clone());
+    let mut registry = Registry::default();
+    let metrics = WaypointMetrics::register(&mut registry);
+
+    let bind = |addr: SocketAddr| {
+        std::net::TcpListener::bind(addr)
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .map_err(|source| WaypointError::Bind { addr, source })
+    };
+    let listeners = listen
+        .iter()
+        .map(|a| bind(*a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin_l = bind(cfg.admin_addr)?;
+    let hbone_addrs = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound"))
+        .collect();
+    let admin_addr = admin_l.local_addr().expect("bound");
+    let (model_tx, model_rx) = watch::channel(Arc::new(model));
+    let ctx = Arc::new(Ctx {
+        cfg,
+        model: model_rx,
+        identity,
+        node,
+        certs,
+        upstream,
+        balancer: Arc::new(Balancer::default()),
+        limiter: RateLimiter::default(),
+        metrics,
+        registry,
+        routes: Mutex::new(RouteCache {
+            model: 0,
+            tables: HashMap::new(),
+        }),
+        active_requests: AtomicUsize::new(0),
+        active_retries: AtomicUsize::new(0),
+    });
+    let mut tasks = vec![];
+    for l in listeners {
+        let l = tokio::net::TcpListener::from_std(l).map_err(|source| WaypointError::Bind {
+            addr: "0.0.0.0:0".parse().expect("static"),
+            source,
+        })?;
+        tasks.push(tokio::spawn(inbound::serve(l, ctx.clone())));
+    }
+    let admin_l =
+        tokio::net::TcpListener::from_std(admin_l).map_err(|source| WaypointError::Bind {
+            addr: admin_addr,
+            source,
+        })?;
+    tasks.push(tokio::spawn(admin::serve(admin_l, ctx.clone())));
+    let watch_ctx = ctx.clone();
+    tasks.push(tokio::spawn(async move {
+        let (ns, name) = (watch_ctx.cfg.namespace.clone(), watch_ctx.cfg.name.clone());
+        mesh_core::model::watch::follow_mesh_file(
+            watch_ctx.cfg.mesh_file.clone(),
+            loaded,
+            watch_ctx.cfg.reload_interval,
+            model_tx,
+            |_, next| {
+                if next
+                    .gateways
+                    .iter()
+                    .any(|g| g.metadata.namespace == ns && g.metadata.name == name)
+                {
+                    Ok(())
+                } else {
+                    Err((
+                        "gateways".into(),
+                        format!("this waypoint {ns}/{name} is missing"),
+                    ))
+                }
+            },
+            |applied| {
+                let result = if applied { "applied" } else { "rejected" };
+                watch_ctx
+                    .metrics
+                    .config_updates
+                    .get_or_create(&ResultLabels { result })
+                    .inc();
+            },
+        )
+        .await
+    }));
+    tracing::info!(waypoint = %format!("{}/{}", ctx.cfg.namespace, ctx.cfg.name), identity = %ctx.identity, addrs = ?hbone_addrs, "waypoint started");
+    Ok(WaypointHandle {
+        ctx,
+        hbone_addrs,
+        admin_addr,
+        tasks,
+    })
+}

@@ -1,0 +1,92 @@
+//! `sluice-waypoint`: the waypoint binary. Parses flags/environment into a
+//! [`WaypointConfig`], sets up logging, and runs until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use mesh_core::identity::ca::CaSource;
+use waypoint::WaypointConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-waypoint",
+    version,
+    about = "Sluice waypoint: L7 routing, resilience and policy for the services that use it"
+)]
+struct Cli {
+    /// The waypoint's Gateway, as `namespace/name`.
+    #[arg(long, env = "SLUICE_WAYPOINT")]
+    waypoint: String,
+    /// This waypoint pod's workload name (in the Gateway's namespace).
+    #[arg(long, env = "SLUICE_WORKLOAD")]
+    workload: String,
+    /// The local mesh file.
+    #[arg(long, env = "SLUICE_MESH_FILE")]
+    mesh_file: PathBuf,
+    #[arg(long, env = "SLUICE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    reload_interval: Duration,
+    /// Root CA certificate and key (PEM), shared with the node agents.
+    #[arg(long, env = "SLUICE_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    #[arg(long, env = "SLUICE_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// HBONE listen addresses (default: the pod's IPs, port 15008).
+    #[arg(long, env = "SLUICE_LISTEN", value_delimiter = ',')]
+    listen: Vec<SocketAddr>,
+    /// Metrics, readiness and config dump.
+    #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
+    admin_addr: SocketAddr,
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if cli.log_format == LogFormat::Json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let (namespace, name) = cli
+        .waypoint
+        .split_once('/')
+        .context("--waypoint must be namespace/name")?;
+    let mut cfg = WaypointConfig::new(namespace, name, &cli.workload, cli.mesh_file);
+    cfg.reload_interval = cli.reload_interval;
+    if let (Some(cert), Some(key)) = (cli.ca_cert, cli.ca_key) {
+        cfg.ca = CaSource::Files {
+            cert,
+            key,
+            generate: false,
+        };
+    }
+    if !cli.listen.is_empty() {
+        cfg.listen = Some(cli.listen);
+    }
+    cfg.admin_addr = cli.admin_addr;
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let wp = waypoint::start(cfg).await?;
+        tracing::info!(hbone = ?wp.hbone_addrs, admin = %wp.admin_addr, "waypoint ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        drop(wp);
+        Ok(())
+    })
+}

@@ -1,0 +1,212 @@
+//! HTTP to the chosen endpoint over HBONE: each upstream HTTP connection is
+//! one CONNECT stream (on the waypoint's pooled mTLS connections to the
+//! endpoint's node agent), with the waypoint's own identity as client and
+//! the endpoint's identity checked as server. HTTP/1.1 connections are
+//! kept alive and reused one request at a time; HTTP/2 connections (used
+//! when the client spoke HTTP/2, e.g. gRPC) are shared by concurrent
+//! requests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, Version};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_core::hbone::pool::HboneError;
+use mesh_core::hbone::{ConnectRequest, H2Io, HboneConnector, HBONE_PORT};
+use mesh_core::identity::SpiffeId;
+
+/// Request bodies the waypoint sends upstream.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Why an upstream request failed before a response arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: HboneError,
+    },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("request to {addr} failed: {source}")]
+    Reset {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// True when nothing reached the endpoint (safe to retry anything).
+    pub fn is_connect_failure(&self) -> bool {
+        !matches!(self, UpstreamError::Reset { .. })
+    }
+}
+
+/// One endpoint to send to.
+pub struct Target<'a> {
+    pub addr: SocketAddr,
+    pub identity: &'a SpiffeId,
+    /// Extra CONNECT headers (`forwarded`, `baggage`).
+    pub connect_headers: HeaderMap,
+}
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// Upstream HTTP connections of a waypoint.
+pub struct Upstream {
+    connector: HboneConnector,
+    source: SpiffeId,
+    idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    hbone_port: u16,
+}
+
+impl Upstream {
+    pub fn new(connector: HboneConnector, source: SpiffeId) -> Self {
+        Self {
+            connector,
+            source,
+            idle: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+            hbone_port: HBONE_PORT,
+        }
+    }
+
+    /// Use another HBONE port on endpoints (tests on loopback).
+    pub fn with_hbone_port(mut self, port: u16) -> Self {
+        self.hbone_port = port;
+        self
+    }
+
+    async fn tunnel(&self, t: &Target<'_>) -> Result<TokioIo<H2Io>, UpstreamError> {
+        let req = ConnectRequest {
+            source: self.source.clone(),
+            destination_identity: t.identity.clone(),
+            hbone_addr: SocketAddr::new(t.addr.ip(), self.hbone_port),
+            authority: t.addr,
+            headers: t.connect_headers.clone(),
+        };
+        let stream =
+            self.connector
+                .connect(&req)
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    addr: t.addr,
+                    source,
+                })?;
+        Ok(TokioIo::new(H2Io::new(stream)))
+    }
+
+    /// Send `req` (origin-form URI, `host` set) to the endpoint, in the
+    /// HTTP version the client used.
+    pub async fn send(
+        &self,
+        t: &Target<'_>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let addr = t.addr;
+        if req.version() == Version::HTTP_2 {
+            let existing = {
+                let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                h2.get(&addr).filter(|s| !s.is_closed()).cloned()
+            };
+            let mut sender = match existing {
+                Some(s) => s,
+                None => {
+                    let io = self.tunnel(t).await?;
+                    let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+                        }
+                    });
+                    self.h2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(addr, sender.clone());
+                    sender
+                }
+            };
+            // HTTP/2 wants the authority in the URI, not a Host header.
+            let host = req.headers_mut().remove(http::header::HOST);
+            if req.uri().authority().is_none() {
+                let authority = host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| addr.to_string());
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/")
+                    .to_string();
+                if let Ok(uri) = format!("http://{authority}{pq}").parse() {
+                    *req.uri_mut() = uri;
+                }
+            }
+            return sender
+                .send_request(req)
+                .await
+                .map_err(|source| UpstreamError::Reset { addr, source });
+        }
+
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(addr).or_default();
+            list.retain(|s| !s.is_closed());
+            list.iter()
+                .position(|s| s.is_ready())
+                .map(|i| list.swap_remove(i))
+        };
+        let mut sender = match reused {
+            Some(s) => s,
+            None => {
+                let io = self.tunnel(t).await?;
+                let (sender, conn) = http1::handshake(io)
+                    .await
+                    .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
+                    }
+                });
+                sender
+            }
+        };
+        // HTTP/1.1 upstream: origin-form URI, the authority in Host.
+        if let Some(authority) = req.uri().authority().cloned() {
+            req.headers_mut().entry(http::header::HOST).or_insert(
+                HeaderValue::from_str(authority.as_str())
+                    .unwrap_or(HeaderValue::from_static("localhost")),
+            );
+            let pq = req.uri().path_and_query().cloned();
+            *req.uri_mut() = pq
+                .map(http::Uri::from)
+                .unwrap_or_else(|| http::Uri::from_static("/"));
+        }
+        *req.version_mut() = Version::HTTP_11;
+        let result = sender.send_request(req).await;
+        if result.is_ok() && !sender.is_closed() {
+            // Back to the pool: ready again once this response's body is
+            // read to the end.
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(addr).or_default();
+            if list.len() < MAX_IDLE_PER_ENDPOINT {
+                list.push(sender);
+            }
+        }
+        result.map_err(|source| UpstreamError::Reset { addr, source })
+    }
+}
