@@ -548,3 +548,166 @@ fn a_policy_change_closes_connections_that_no_longer_pass() {
     let r = exchange(t.pod("client"), server, b"new".to_vec());
     assert!(r.as_ref().map(|b| b.is_empty()).unwrap_or(true), "{r:?}");
 }
+
+/// node-a: client (.1), waypoint (.5, not captured); node-b: web-v1 (.1),
+/// web-v2 (.2), shadow (.3). Service `web` (10.96.0.20:80) uses waypoint
+/// `shop/waypoint` through its namespace's label.
+fn waypoint_cluster() -> Topology {
+    let mut t = Topology::new();
+    t.add_node("node-a");
+    t.add_node("node-b");
+    t.add_pod("node-a", "client", 1);
+    t.add_pod("node-a", "waypoint", 5);
+    t.add_pod("node-b", "web-v1", 1);
+    t.add_pod("node-b", "web-v2", 2);
+    t.add_pod("node-b", "shadow", 3);
+    let mut y = String::from(
+        "nodes: [{name: node-a}, {name: node-b}]\nnamespaces:\n  - {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\nworkloads:\n",
+    );
+    for p in &t.pods {
+        let (sa, labels) = match p.name.as_str() {
+            "waypoint" => (
+                "waypoint",
+                "gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none"
+                    .to_string(),
+            ),
+            n if n.starts_with("web-") => ("web", format!("app: web, version: {}", &n[4..])),
+            n => (n, format!("app: {n}")),
+        };
+        y.push_str(&format!(
+            "  - {{name: {n}, namespace: shop, serviceAccount: {sa}, node: {node}, ips: [\"{ip}\", \"{ip6}\"], netns: {ns}, labels: {{{labels}}}}}\n",
+            n = p.name,
+            node = p.node,
+            ip = p.ip,
+            ip6 = p.ip6,
+            ns = p.ns
+        ));
+    }
+    y.push_str(
+        r#"services:
+  - {name: web, namespace: shop, vips: ["10.96.0.20"], ports: [{port: 80, targetPort: 8080}], selector: {app: web}}
+  - {name: web-v1, namespace: shop, ports: [{port: 80, targetPort: 8080}], selector: {app: web, version: v1}}
+  - {name: web-v2, namespace: shop, ports: [{port: 80, targetPort: 8080}], selector: {app: web, version: v2}}
+  - {name: shadow, namespace: shop, ports: [{port: 80, targetPort: 8080}], selector: {app: shadow}}
+gateways:
+  - metadata: {name: waypoint, namespace: shop}
+    spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+httpRoutes:
+  - metadata: {name: web, namespace: shop}
+    spec:
+      parentRefs: [{kind: Service, name: web, port: 80}]
+      rules:
+        - matches: [{headers: [{name: x-version, value: v2}]}]
+          backendRefs: [{name: web-v2, port: 80}]
+        - matches: [{path: {value: /canary}}]
+          backendRefs: [{name: web-v1, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]
+        - matches: [{path: {value: /fault}}]
+          fault: {abort: {httpStatus: 503, percentage: 100}}
+        - matches: [{path: {value: /flaky}}]
+          backendRefs: [{name: web-v1, port: 80}]
+          retry: {attempts: 2, backoff: 5ms}
+        - matches: [{path: {value: /slow}}]
+          backendRefs: [{name: web-v1, port: 80}]
+          timeouts: {request: 300ms}
+        - matches: [{path: {value: /mirror}}]
+          backendRefs: [{name: web-v1, port: 80}]
+          filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}]
+        - matches: [{path: {value: /limited}}]
+          backendRefs: [{name: web-v1, port: 80}]
+          rateLimit: {requests: 3, interval: 1m}
+        - backendRefs: [{name: web-v1, port: 80}]
+authorizationPolicies:
+  - metadata: {name: no-admin, namespace: shop}
+    spec:
+      targetRefs: [{kind: Service, name: web}]
+      action: DENY
+      rules: [{to: [{operation: {paths: ["/admin*"], methods: ["GET", "POST"]}}]}]
+"#,
+    );
+    write_atomic(&t.mesh_file(), &y);
+    t
+}
+
+/// `curl` from the client pod: (status, body).
+fn curl(t: &Topology, args: &[&str]) -> (u16, String) {
+    let mut all = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let out = t.run_in("client", &all);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        body.to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn a_waypoint_routes_and_polices_real_http_clients_through_ebpf_capture() {
+    if !e2e_available() {
+        return;
+    }
+    let mut t = waypoint_cluster();
+    let _v1 = http_in(t.pod("web-v1"), 8080, "v1");
+    let _v2 = http_in(t.pod("web-v2"), 8080, "v2");
+    let shadow = http_in(t.pod("shadow"), 8080, "shadow");
+    t.start_agent("node-a");
+    t.start_agent("node-b");
+    // The agents create the root CA; the waypoint shares it.
+    t.start_waypoint("waypoint", "shop/waypoint");
+    let url = |p: &str| format!("http://10.96.0.20{p}");
+
+    // Header routing, default route.
+    let (st, body) = curl(&t, &[&url("/hello")]);
+    assert_eq!(
+        (st, body.trim()),
+        (200, "v1 GET /hello -"),
+        "{}",
+        t.agent_log("node-a")
+    );
+    let (st, body) = curl(&t, &["-H", "x-version: v2", &url("/hello")]);
+    assert_eq!((st, body.trim()), (200, "v2 GET /hello -"));
+    // Weighted split: 1000 requests on one keep-alive connection.
+    let (st, body) = curl(&t, &[&url("/canary?n=[1-1000]")]);
+    assert_eq!(st, 200);
+    let (v1, v2) = (
+        body.matches("v1 GET").count(),
+        body.matches("v2 GET").count(),
+    );
+    assert_eq!(v1 + v2, 1000, "{body}");
+    // Binomial(1000, 0.1): σ ≈ 9.5; ±5σ.
+    assert!((52..=148).contains(&v2), "v2 got {v2} of 1000");
+    // Fault, retry, timeout, mirror, deny, rate limit.
+    assert_eq!(curl(&t, &[&url("/fault")]).0, 503);
+    for _ in 0..3 {
+        let (st, body) = curl(&t, &[&url("/flaky")]);
+        assert_eq!((st, body.trim()), (200, "v1 GET /flaky -"));
+    }
+    assert_eq!(curl(&t, &[&url("/slow")]).0, 504);
+    assert_eq!(curl(&t, &[&url("/mirror")]).0, 200);
+    let mut mirrored = false;
+    for _ in 0..200 {
+        if shadow.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            mirrored = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(mirrored, "the shadow backend got no copy");
+    let (st, body) = curl(&t, &[&url("/admin")]);
+    assert_eq!(st, 403, "{body}");
+    let codes: Vec<u16> = (0..4).map(|_| curl(&t, &[&url("/limited")]).0).collect();
+    assert_eq!(codes, [200, 200, 200, 429]);
+
+    // HTTP/2 (prior knowledge) with h2load: 2000 requests, 4 clients, 10
+    // streams each, all answered.
+    let out = t.run_in(
+        "client",
+        &["h2load", "-n", "2000", "-c", "4", "-m", "10", &url("/h2")],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 succeeded, 0 failed") && text.contains("2000 2xx"),
+        "h2load:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -125,14 +125,21 @@ async fn handle_stream(
                 .trim_end_matches(']')
         })
         .and_then(|ip| ip.parse().ok());
-    let src = src_ip
+    let forwarded_src = src_ip
         .and_then(|ip| model.workload_by_ip(ip))
         .filter(|w| model.identity(w) == peer_id);
+    // For telemetry, a proxy in between (a waypoint) is the source when the
+    // forwarded client is not the identity that connected.
+    let src = forwarded_src.or_else(|| {
+        model
+            .workload_by_ip(peer.ip())
+            .filter(|w| model.identity(w) == peer_id)
+    });
     // Policy sees the client's pod address when the forwarded one is
     // consistent with the proven identity, else where the tunnel came from.
     let checked = authz::Checked {
         source_identity: Some(peer_id.clone()),
-        source: match (src, src_ip) {
+        source: match (forwarded_src, src_ip) {
             (Some(_), Some(ip)) => SocketAddr::new(ip, 0),
             _ => peer,
         },

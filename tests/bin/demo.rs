@@ -1,16 +1,49 @@
 //! The local demo (`cargo xtask demo`, as root): two "nodes" and five
 //! "pods" as network namespaces, one real `sluice-agent` per node with eBPF
 //! capture, traffic between pods (cross node, same node, through a service
-//! VIP, and from a pod that opted out), then a report from the agents' own
-//! access logs and metrics. Everything is removed on exit and on Ctrl-C.
+//! VIP, and from a pod that opted out), HTTP through a waypoint (header
+//! routing, a 80/20 split, an L7 deny) with `curl`, then a report from the
+//! agents' own access logs and metrics and the waypoint's request metrics.
+//! Everything is removed on exit and on Ctrl-C.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use sluice_tests::netns::{e2e_available, echo_in, exchange, Topology};
+use sluice_tests::netns::{e2e_available, echo_in, exchange, http_in, Topology};
 use sluice_tests::write_atomic;
 
 static TOPOLOGY: Mutex<Option<Topology>> = Mutex::new(None);
+
+/// Service `web` (two versions) behind waypoint `shop/waypoint`, an
+/// HTTPRoute and an L7 policy; the other services stay L4-only.
+const WAYPOINT_OBJECTS: &str = r#"services:
+  - {name: reviews, namespace: shop, vips: ["10.96.0.20"], ports: [{port: 80, targetPort: 8080}], selector: {app: reviews}}
+  - name: web
+    namespace: shop
+    vips: ["10.96.0.30"]
+    ports: [{port: 80, targetPort: 8080}]
+    selector: {app: web}
+    labels: {istio.io/use-waypoint: waypoint}
+  - {name: web-v1, namespace: shop, ports: [{port: 80, targetPort: 8080}], selector: {app: web, version: v1}}
+  - {name: web-v2, namespace: shop, ports: [{port: 80, targetPort: 8080}], selector: {app: web, version: v2}}
+gateways:
+  - metadata: {name: waypoint, namespace: shop}
+    spec: {gatewayClassName: istio-waypoint}
+httpRoutes:
+  - metadata: {name: web, namespace: shop}
+    spec:
+      parentRefs: [{kind: Service, name: web}]
+      rules:
+        - matches: [{headers: [{name: x-version, value: v2}]}]
+          backendRefs: [{name: web-v2, port: 80}]
+        - backendRefs: [{name: web-v1, port: 80, weight: 80}, {name: web-v2, port: 80, weight: 20}]
+authorizationPolicies:
+  - metadata: {name: no-admin, namespace: shop}
+    spec:
+      targetRefs: [{kind: Service, name: web}]
+      action: DENY
+      rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#;
 
 fn main() {
     if !e2e_available() {
@@ -35,23 +68,32 @@ fn main() {
     t.add_pod("node-a", "legacy", 3);
     t.add_pod("node-b", "reviews", 1);
     t.add_pod("node-b", "ratings", 2);
+    t.add_pod("node-b", "web-v1", 3);
+    t.add_pod("node-b", "web-v2", 4);
+    t.add_pod("node-a", "waypoint", 5);
     let mut y = String::from("nodes: [{name: node-a}, {name: node-b}]\nworkloads:\n");
     for p in &t.pods {
-        let optout = if p.name == "legacy" {
-            ", istio.io/dataplane-mode: none"
-        } else {
-            ""
+        let labels = match p.name.as_str() {
+            "legacy" => "app: legacy, istio.io/dataplane-mode: none".to_string(),
+            "waypoint" => {
+                "gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none"
+                    .to_string()
+            }
+            n if n.starts_with("web-") => format!("app: web, version: {}", &n[4..]),
+            n => format!("app: {n}"),
         };
         y.push_str(&format!(
-            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\", \"{ip6}\"], netns: {ns}, labels: {{app: {n}{optout}}}}}\n",
+            "  - {{name: {n}, namespace: shop, serviceAccount: {n}, node: {node}, ips: [\"{ip}\", \"{ip6}\"], netns: {ns}, labels: {{{labels}}}}}\n",
             n = p.name, node = p.node, ip = p.ip, ip6 = p.ip6, ns = p.ns
         ));
     }
-    y.push_str("services:\n  - {name: reviews, namespace: shop, vips: [\"10.96.0.20\"], ports: [{port: 80, targetPort: 8080}], selector: {app: reviews}}\n");
+    y.push_str(WAYPOINT_OBJECTS);
     write_atomic(&t.mesh_file(), &y);
     for p in ["cart", "reviews", "ratings"] {
         echo_in(t.pod(p), 8080);
     }
+    http_in(t.pod("web-v1"), 8080, "web-v1");
+    http_in(t.pod("web-v2"), 8080, "web-v2");
     println!("topology:");
     for p in &t.pods {
         println!(
@@ -61,7 +103,8 @@ fn main() {
     }
     t.start_agent("node-a");
     t.start_agent("node-b");
-    println!("agents ready (eBPF attached, certificates issued)\n");
+    t.start_waypoint("waypoint", "shop/waypoint");
+    println!("agents and waypoint ready (eBPF attached, certificates issued)\n");
     let (ip, pod) = (
         |t: &Topology, n: &str| t.pod(n).ip,
         |t: &Topology, n: &str| t.pod(n).clone(),
@@ -103,6 +146,37 @@ fn main() {
         println!(
             "{what:<14} {from} -> {dst}: sent {} bytes, {verdict}",
             data.len()
+        );
+    }
+    {
+        let t = TOPOLOGY.lock().unwrap();
+        let Some(t) = t.as_ref() else { return };
+        println!("\n== HTTP through the waypoint of service web (10.96.0.30), with curl from frontend ==");
+        let curl = |args: &[&str]| {
+            let mut all = vec![
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-w",
+                " -> HTTP %{http_code}\n",
+            ];
+            all.extend_from_slice(args);
+            String::from_utf8_lossy(&t.run_in("frontend", &all).stdout)
+                .trim()
+                .to_string()
+        };
+        println!("GET /            {}", curl(&["http://10.96.0.30/"]));
+        println!(
+            "x-version: v2    {}",
+            curl(&["-H", "x-version: v2", "http://10.96.0.30/"])
+        );
+        println!("GET /admin       {}", curl(&["http://10.96.0.30/admin"]));
+        let split = curl(&["http://10.96.0.30/split?n=[1-100]"]);
+        println!(
+            "100 x GET /split web-v1: {}, web-v2: {} (route weights 80/20)",
+            split.matches("web-v1 GET").count(),
+            split.matches("web-v2 GET").count()
         );
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -163,6 +237,30 @@ fn main() {
             "{node} enrolled pods: {}, HBONE pool: {}",
             dump["enrolled"].as_array().map(|a| a.len()).unwrap_or(0),
             dump["pool"]
+        );
+    }
+    println!("\n== Waypoint metrics (istio_requests_total, reporter=waypoint) ==");
+    let out = t.run_in(
+        "waypoint",
+        &["curl", "-sS", "http://127.0.0.1:15020/stats/prometheus"],
+    );
+    for l in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+    {
+        let get = |k: &str| {
+            l.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?")
+        };
+        println!(
+            "{} -> {} code={} flags={} count={}",
+            get("source_workload"),
+            get("destination_workload"),
+            get("response_code"),
+            get("response_flags"),
+            l.rsplit(' ').next().unwrap_or("?")
         );
     }
     drop(guard);

@@ -346,3 +346,52 @@ pub fn issue(
         rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
     )
 }
+
+/// A test HTTP server (HTTP/1.1 and HTTP/2 prior knowledge) answering
+/// `<name> <method> <path> <x-added header>`; `/flaky` fails every other
+/// request with 503 and `/slow` takes 2 s. Returns its request counter.
+pub fn serve_http(l: TcpListener, name: &'static str) -> Arc<std::sync::atomic::AtomicUsize> {
+    use http_body_util::Full;
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let n = c.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let added = req
+                                .headers()
+                                .get("x-added")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_string();
+                            let mut status = http::StatusCode::OK;
+                            if path.starts_with("/flaky") && n.is_multiple_of(2) {
+                                status = http::StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            if path.starts_with("/slow") {
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                            }
+                            let body = format!("{name} {} {path} {added}\n", req.method());
+                            let mut r = http::Response::new(Full::new(bytes::Bytes::from(body)));
+                            *r.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    count
+}

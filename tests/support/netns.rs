@@ -152,6 +152,8 @@ pub struct Topology {
     veth: u32,
     /// Agents log JSON (for tools that read the access log).
     pub json_logs: bool,
+    /// Other processes started in the topology (waypoints).
+    children: Vec<Child>,
 }
 
 impl Topology {
@@ -167,6 +169,7 @@ impl Topology {
             namespaces: Vec::new(),
             veth: 0,
             json_logs: false,
+            children: Vec::new(),
         }
     }
 
@@ -403,44 +406,29 @@ impl Topology {
             .open(self.log_file(node))
             .unwrap();
         let ns = self.node(node).ns.clone();
-        let ns_file = File::open(format!("/var/run/netns/{ns}")).expect("node namespace");
         let mut cmd = Command::new(agent_binary());
-        // Only the network namespace changes (unlike `ip netns exec`, which
-        // also gives the process a private /sys without cgroup2 and bpffs).
-        // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&ns_file);
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .args(["run", "--node", node, "--capture", "ebpf", "--ca-generate"])
-            .arg("--mesh-file")
-            .arg(self.mesh_file())
-            .arg("--ca-cert")
-            .arg(self.dir.0.join("root.pem"))
-            .arg("--ca-key")
-            .arg(self.dir.0.join("root-key.pem"))
-            .arg("--ebpf-object")
-            .arg(ebpf_object())
-            .arg("--bpffs-dir")
-            .arg(self.pin_root.join(node))
-            .args(["--reload-interval", "200ms"])
-            .env("RUST_LOG", "info,sluice_ebpf=debug")
-            .env(
-                "SLUICE_LOG_FORMAT",
-                if self.json_logs { "json" } else { "text" },
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting sluice-agent");
+        let child = spawn_in_ns(
+            &ns,
+            cmd.args(["run", "--node", node, "--capture", "ebpf", "--ca-generate"])
+                .arg("--mesh-file")
+                .arg(self.mesh_file())
+                .arg("--ca-cert")
+                .arg(self.dir.0.join("root.pem"))
+                .arg("--ca-key")
+                .arg(self.dir.0.join("root-key.pem"))
+                .arg("--ebpf-object")
+                .arg(ebpf_object())
+                .arg("--bpffs-dir")
+                .arg(self.pin_root.join(node))
+                .args(["--reload-interval", "200ms"])
+                .env("RUST_LOG", "info,sluice_ebpf=debug")
+                .env(
+                    "SLUICE_LOG_FORMAT",
+                    if self.json_logs { "json" } else { "text" },
+                )
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
         let idx = self.nodes.iter().position(|n| n.name == node).unwrap();
         self.nodes[idx].agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -510,6 +498,132 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Start `sluice-waypoint` inside `pod` for Gateway `namespace/name`;
+    /// returns once it is ready (admin on the pod's 127.0.0.1:15020).
+    pub fn start_waypoint(&mut self, pod: &str, gateway: &str) {
+        let pod = self.pod(pod).clone();
+        let log_path = self.dir.0.join(format!("waypoint-{}.log", pod.name));
+        let log = File::create(&log_path).unwrap();
+        let mut cmd = Command::new(waypoint_binary());
+        cmd.args(["--waypoint", gateway, "--workload", &pod.name])
+            .arg("--mesh-file")
+            .arg(self.mesh_file())
+            .arg("--ca-cert")
+            .arg(self.dir.0.join("root.pem"))
+            .arg("--ca-key")
+            .arg(self.dir.0.join("root-key.pem"))
+            .args(["--reload-interval", "200ms"])
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.children.push(spawn_in_ns(&pod.ns, &mut cmd));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ns = pod.ns.clone();
+        loop {
+            let ready = in_ns(&ns, || {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", 15020)).ok()?;
+                s.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .ok()?;
+                let mut buf = String::new();
+                s.read_to_string(&mut buf).ok()?;
+                Some(buf.starts_with("HTTP/1.1 200"))
+            });
+            if ready == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waypoint not ready:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Run a command inside `pod` (`ip netns exec`) and return its output.
+    pub fn run_in(&self, pod: &str, args: &[&str]) -> std::process::Output {
+        let ns = &self.pod(pod).ns;
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {args:?} in {pod}: {e}"))
+    }
+}
+
+/// Spawn `cmd` with only its network namespace set to `ns` (unlike `ip
+/// netns exec`, which also gives the process a private /sys without
+/// cgroup2 and bpffs).
+fn spawn_in_ns(ns: &str, cmd: &mut Command) -> Child {
+    let ns_file = File::open(format!("/var/run/netns/{ns}")).expect("namespace");
+    // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&ns_file);
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"))
+}
+
+/// The `sluice-waypoint` binary of the same build profile.
+pub fn waypoint_binary() -> PathBuf {
+    std::env::var("SLUICE_WAYPOINT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_target().join("sluice-waypoint"))
+}
+
+/// The test HTTP server ([`crate::serve_http`]) inside `pod` on `port`
+/// (both addresses), on a runtime of its own. Returns its request counter.
+pub fn http_in(
+    pod: &Pod,
+    port: u16,
+    name: &'static str,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let listeners: Vec<std::net::TcpListener> = [pod.ip, pod.ip6]
+        .into_iter()
+        .map(|ip| {
+            let addr = SocketAddr::new(ip, port);
+            in_ns(&pod.ns, move || {
+                let l = std::net::TcpListener::bind(addr)
+                    .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut counters = vec![];
+            for l in listeners {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                counters.push(crate::serve_http(l, name));
+            }
+            let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            tx.send(total.clone()).unwrap();
+            loop {
+                let n = counters.iter().map(|c| c.load(Ordering::SeqCst)).sum();
+                total.store(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
 impl Default for Topology {
     fn default() -> Self {
         Self::new()
@@ -518,6 +632,10 @@ impl Default for Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for n in &mut self.nodes {
             if let Some(mut c) = n.agent.take() {
                 let _ = c.kill();
