@@ -37,6 +37,7 @@ workloads:
   - {{name: web-v1, namespace: shop, serviceAccount: web, node: node-b, ips: ["{v1}"], labels: {{app: web, version: v1}}}}
   - {{name: web-v2, namespace: shop, serviceAccount: web, node: node-b, ips: ["{v2}"], labels: {{app: web, version: v2}}}}
   - {{name: shadow, namespace: shop, serviceAccount: shadow, node: node-b, ips: ["{sh}"], labels: {{app: shadow}}}}
+  - {{name: authz, namespace: shop, serviceAccount: authz, node: node-b, ips: ["{az}"], labels: {{app: authz}}}}
   - name: waypoint
     namespace: shop
     serviceAccount: waypoint
@@ -48,6 +49,14 @@ services:
   - {{name: web-v1, namespace: shop, ports: [{{port: 80, targetPort: 8080}}], selector: {{app: web, version: v1}}}}
   - {{name: web-v2, namespace: shop, ports: [{{port: 80, targetPort: 8080}}], selector: {{app: web, version: v2}}}}
   - {{name: shadow, namespace: shop, ports: [{{port: 80, targetPort: 8080}}], selector: {{app: shadow}}}}
+  - {{name: authz, namespace: shop, ports: [{{port: 8000}}, {{port: 9000}}, {{port: 9999}}], selector: {{app: authz}}}}
+extensionProviders:
+  - name: http-authz
+    envoyExtAuthzHttp: {{service: authz.shop.svc.cluster.local, port: 8000, pathPrefix: /check, includeRequestHeadersInCheck: [x-user], headersToUpstreamOnAllow: [x-authz-user], headersToDownstreamOnDeny: [x-authz-reason]}}
+  - name: grpc-authz
+    envoyExtAuthzGrpc: {{service: authz.shop, port: 9000}}
+  - name: down-authz
+    envoyExtAuthzHttp: {{service: authz.shop, port: 9999, timeout: 500ms}}
 gateways:
   - apiVersion: gateway.networking.k8s.io/v1
     kind: Gateway
@@ -83,6 +92,8 @@ httpRoutes:
         - matches: [{{path: {{type: PathPrefix, value: /old}}}}]
           filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}}}}}, {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-added, value: "yes"}}]}}}}]
           backendRefs: [{{name: web-v1, port: 80}}]
+        - matches: [{{path: {{type: PathPrefix, value: /moved}}}}]
+          filters: [{{type: RequestRedirect, requestRedirect: {{hostname: example.com, statusCode: 301}}}}]
         - backendRefs: [{{name: web-v1, port: 80}}]
 authorizationPolicies:
   - apiVersion: security.istio.io/v1
@@ -92,11 +103,30 @@ authorizationPolicies:
       targetRefs: [{{kind: Service, group: "", name: web}}]
       action: DENY
       rules: [{{to: [{{operation: {{paths: ["/admin*"]}}}}]}}]
+  - metadata: {{name: ext-http, namespace: shop}}
+    spec:
+      targetRefs: [{{kind: Service, name: web}}]
+      action: CUSTOM
+      provider: {{name: http-authz}}
+      rules: [{{to: [{{operation: {{paths: ["/ext/*"]}}}}]}}]
+  - metadata: {{name: ext-grpc, namespace: shop}}
+    spec:
+      targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+      action: CUSTOM
+      provider: {{name: grpc-authz}}
+      rules: [{{to: [{{operation: {{paths: ["/grpc-ext/*"]}}}}]}}]
+  - metadata: {{name: ext-down, namespace: shop}}
+    spec:
+      targetRefs: [{{kind: Service, name: web}}]
+      action: CUSTOM
+      provider: {{name: down-authz}}
+      rules: [{{to: [{{operation: {{paths: ["/down/*"]}}}}]}}]
 "#,
         c = ip(1),
         v1 = ip(2),
         v2 = ip(3),
         sh = ip(4),
+        az = ip(5),
         wp = ip(20),
         vip = ip(10),
     )
@@ -159,12 +189,17 @@ struct Setup {
 }
 
 async fn setup(waypoint_for: &str) -> Setup {
+    setup_with(waypoint_for, |_| {}).await
+}
+
+async fn setup_with(waypoint_for: &str, tune: impl FnOnce(&mut waypoint::WaypointConfig)) -> Setup {
     let mesh = Mesh::start().await;
     let yaml = mesh_yaml(&mesh, waypoint_for);
     mesh.write_mesh(&yaml);
     let v1 = http_server(SocketAddr::new(mesh.ip(2), APP_PORT), "v1").await;
     let _v2 = http_server(SocketAddr::new(mesh.ip(3), APP_PORT), "v2").await;
     let shadow = http_server(SocketAddr::new(mesh.ip(4), APP_PORT), "shadow").await;
+    authz_servers(&mesh).await;
     let mut cfg =
         waypoint::WaypointConfig::new("shop", "waypoint", "waypoint", mesh.mesh_file.clone());
     cfg.ca = CaSource::Files {
@@ -174,13 +209,15 @@ async fn setup(waypoint_for: &str) -> Setup {
     };
     cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
     cfg.reload_interval = Duration::from_millis(100);
+    cfg.header_timeout = Duration::from_secs(1);
+    tune(&mut cfg);
     let wp = waypoint::start(cfg).await.expect("waypoint starts");
     // Both agents must have picked up the new file (agent B now serves
     // web-v1/v2 and shadow).
     let ready = eventually(T, || {
         let a = mesh.a.ctx.model();
         let b = mesh.b.ctx.model();
-        a.gateways.len() == 1 && b.workloads.len() == 5
+        a.gateways.len() == 1 && b.workloads.len() == 6
     })
     .await;
     assert!(
@@ -212,6 +249,11 @@ async fn routing_faults_retries_timeouts_mirror_deny_and_rate_limit() {
     // Rewrite and header modifier.
     let (st, body, _) = c.get("/old/page", &[]).await;
     assert_eq!((st, body.trim()), (200, "v1 GET /new/page yes"));
+
+    // Redirect, answered by the waypoint itself.
+    let (st, _, h) = c.get("/moved/x?a=1", &[]).await;
+    assert_eq!(st, 301);
+    assert_eq!(h["location"], "http://example.com/moved/x?a=1");
 
     // Injected abort.
     let (st, _, _) = c.get("/fault", &[]).await;
@@ -351,4 +393,340 @@ async fn tunnels_that_bypass_a_workload_waypoint_are_refused() {
         "{text}"
     );
     drop(s.wp);
+}
+
+/// The external authorizers on `.5`: HTTP on 8000 and Envoy's gRPC Check on
+/// 9000. Both allow `x-user: alice` (adding `x-authz-user`) and deny
+/// anyone else with 401 and a reason header.
+async fn authz_servers(mesh: &Mesh) {
+    use hyper::body::Frame;
+    use waypoint::extauthz::proto;
+    let http_l = TcpListener::bind(SocketAddr::new(mesh.ip(5), 8000))
+        .await
+        .unwrap();
+    let grpc_l = TcpListener::bind(SocketAddr::new(mesh.ip(5), 9000))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = http_l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let user = req
+                            .headers()
+                            .get("x-user")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        assert!(req.uri().path().starts_with("/check/ext/"), "{}", req.uri());
+                        let r = if user == "alice" {
+                            http::Response::builder()
+                                .header("x-authz-user", "alice")
+                                .body(Full::new(Bytes::new()))
+                        } else {
+                            http::Response::builder()
+                                .status(401)
+                                .header("x-authz-reason", "not alice")
+                                .body(Full::new(Bytes::from("who are you?")))
+                        };
+                        Ok::<_, std::convert::Infallible>(r.unwrap())
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = grpc_l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        assert_eq!(req.uri().path(), proto::CHECK_PATH);
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let check: proto::CheckRequest =
+                            waypoint::extauthz::grpc_unframe(&body).unwrap();
+                        let attrs = check.attributes.unwrap();
+                        let http_req = attrs.request.unwrap().http.unwrap();
+                        let principal = attrs.source.unwrap().principal;
+                        let allow = http_req.headers.get("x-user").map(String::as_str)
+                            == Some("alice")
+                            && principal == "spiffe://cluster.local/ns/shop/sa/client";
+                        let answer = if allow {
+                            proto::CheckResponse {
+                                status: Some(proto::RpcStatus {
+                                    code: 0,
+                                    message: String::new(),
+                                }),
+                                ok_response: Some(proto::OkHttpResponse {
+                                    headers: vec![proto::HeaderValueOption {
+                                        header: Some(proto::HeaderValue {
+                                            key: "x-authz-user".into(),
+                                            value: "alice-grpc".into(),
+                                        }),
+                                    }],
+                                }),
+                                denied_response: None,
+                            }
+                        } else {
+                            proto::CheckResponse {
+                                status: Some(proto::RpcStatus {
+                                    code: 7,
+                                    message: "permission denied".into(),
+                                }),
+                                denied_response: Some(proto::DeniedHttpResponse {
+                                    status: Some(proto::HttpStatus { code: 401 }),
+                                    headers: vec![],
+                                    body: "grpc says no".into(),
+                                }),
+                                ok_response: None,
+                            }
+                        };
+                        use prost::Message;
+                        let mut framed = vec![0u8];
+                        framed.extend_from_slice(&(answer.encoded_len() as u32).to_be_bytes());
+                        answer.encode(&mut framed).unwrap();
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        let frames = vec![
+                            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(framed))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                        let r = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(body)
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(r)
+                    });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_policies_ask_external_authorizers_and_fail_closed() {
+    let s = setup("service").await;
+    let mut c = Client::new(&s.mesh).await;
+    // HTTP authorizer: alice passes, with the authorizer's header upstream.
+    let (st, body, _) = c.get("/ext/page", &[("x-user", "alice")]).await;
+    assert_eq!((st, body.trim()), (200, "v1 GET /ext/page -"));
+    let (st, body, h) = c.get("/ext/page", &[("x-user", "mallory")]).await;
+    assert_eq!((st, body.as_str()), (401, "who are you?"));
+    assert_eq!(h["x-authz-reason"], "not alice");
+    // gRPC authorizer (Envoy's Check API), attached to the waypoint.
+    let (st, _, _) = c.get("/grpc-ext/x", &[("x-user", "alice")]).await;
+    assert_eq!(st, 200);
+    let (st, body, _) = c.get("/grpc-ext/x", &[("x-user", "bob")]).await;
+    assert_eq!((st, body.as_str()), (401, "grpc says no"));
+    // Nobody listens behind the third provider: denied, not let through.
+    let (st, _, _) = c.get("/down/x", &[("x-user", "alice")]).await;
+    assert_eq!(st, 403);
+    // Paths no CUSTOM policy covers never reach an authorizer.
+    assert_eq!(c.get("/free", &[]).await.0, 200);
+    let (_, text) = http_get(s.wp.admin_addr, "/stats/prometheus").await;
+    assert_eq!(
+        metric(&text, "istio_requests_total", &[r#"response_flags="UAEX""#]),
+        3,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_clients_and_upstreams_get_a_status_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup("service").await;
+    let vip = SocketAddr::new(s.mesh.ip(10), 80);
+    let read_all = |mut tcp: tokio::net::TcpStream| async move {
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(T, tcp.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).to_string()
+    };
+
+    // Oversized headers: 431.
+    let mut big = s.mesh.connect(vip).await.unwrap();
+    let huge = "x".repeat(100 * 1024);
+    big.write_all(format!("GET / HTTP/1.1\r\nhost: web\r\nx-big: {huge}\r\n\r\n").as_bytes())
+        .await
+        .ok();
+    let answer = read_all(big).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
+
+    // Slowloris: headers that never end are cut off after the header timeout.
+    let mut slow = s.mesh.connect(vip).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // Meanwhile a well-behaved client is served.
+    let mut c = Client::new(&s.mesh).await;
+    assert_eq!(c.get("/ok", &[]).await.0, 200);
+    let _ = read_all(slow).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "slow client held on for {:?}",
+        started.elapsed()
+    );
+
+    // A malformed frame after the HTTP/2 preface (SETTINGS whose length is
+    // not a multiple of 6): the connection is closed.
+    let mut junk = s.mesh.connect(vip).await.unwrap();
+    junk.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x05\x04\x00\x00\x00\x00\x00junk!")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let _ = read_all(junk).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "malformed HTTP/2 held on for {:?}",
+        started.elapsed()
+    );
+
+    // An upstream that drops the connection: 503 with flag UC, not a hang.
+    // (A fresh client: the header timeout also ends idle keep-alives.)
+    let mut c = Client::new(&s.mesh).await;
+    let (st, _, _) = c.get("/reset", &[]).await;
+    assert_eq!(st, 503);
+    assert_eq!(c.get("/ok", &[]).await.0, 200);
+    let (_, text) = http_get(s.wp.admin_addr, "/stats/prometheus").await;
+    assert_eq!(
+        metric(
+            &text,
+            "istio_requests_total",
+            &[r#"response_code="503""#, r#"response_flags="UC""#]
+        ),
+        1,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_spans_are_exported_over_otlp_in_the_callers_trace() {
+    // A collector: stores every OTLP/HTTP JSON body it is sent.
+    let collector = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let store = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = collector.accept().await else {
+                return;
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let store = store.clone();
+                    async move {
+                        assert_eq!(req.uri().path(), "/v1/traces");
+                        let b = req.into_body().collect().await.unwrap().to_bytes();
+                        store
+                            .lock()
+                            .unwrap()
+                            .push(serde_json::from_slice(&b).unwrap());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::new(),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let s = setup_with("service", |c| c.otlp_endpoint = Some(endpoint)).await;
+    let mut c = Client::new(&s.mesh).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let (st, _, _) = c
+        .get(
+            "/traced",
+            &[("traceparent", &format!("00-{trace}-{parent}-01"))],
+        )
+        .await;
+    assert_eq!(st, 200);
+    let found = eventually(T, || {
+        bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.to_string().contains(trace))
+    })
+    .await;
+    assert!(found, "no span exported");
+    let all = bodies.lock().unwrap().clone();
+    let span = all
+        .iter()
+        .flat_map(|b| {
+            b["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|sp| sp["traceId"] == trace)
+        .unwrap();
+    assert_eq!(span["parentSpanId"], parent);
+    assert_eq!(span["spanId"].as_str().unwrap().len(), 16);
+    assert_ne!(span["spanId"], parent);
+    assert!(span.to_string().contains("\"url.path\""), "{span}");
+    assert_eq!(
+        all[0]["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"],
+        "waypoint.shop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_http2_keeps_its_status_and_is_counted_as_grpc() {
+    let s = setup("service").await;
+    let tcp = s
+        .mesh
+        .connect(SocketAddr::new(s.mesh.ip(10), 80))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (method, want) in [("Say", "0"), ("Fail", "14")] {
+        let req = Request::post(format!(
+            "http://web.shop.svc.cluster.local/echo.Echo/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+        let resp = tokio::time::timeout(T, send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap();
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        assert_eq!(trailers["grpc-status"], want, "{method}");
+    }
+    let (_, text) = http_get(s.wp.admin_addr, "/stats/prometheus").await;
+    for code in ["0", "14"] {
+        let label = format!("grpc_response_status=\"{code}\"");
+        assert_eq!(
+            metric(
+                &text,
+                "istio_requests_total",
+                &[r#"request_protocol="grpc""#, &label]
+            ),
+            1,
+            "{text}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! `analyze`: problems in a mesh file that validation cannot call errors —
 //! policies that select nothing, rules that need a waypoint, conflicting
-//! PeerAuthentications, services without endpoints — found before the file
-//! is applied, each with a message an operator can act on.
+//! PeerAuthentications, services without endpoints, waypoints that are
+//! missing or have no pods, routes that no waypoint applies — found before
+//! the file is applied, each with a message an operator can act on.
 
 use std::collections::BTreeMap;
 
@@ -165,6 +166,30 @@ pub fn analyze(m: &MeshModel) -> Vec<Finding> {
             );
         }
     }
+    for s in &m.services {
+        let object = format!("Service {}/{}", s.namespace, s.name);
+        match m.service_waypoint(s) {
+            Some(None) => push(
+                Level::Error,
+                object.clone(),
+                "uses a waypoint that does not exist (istio.io/use-waypoint): its traffic is refused".into(),
+            ),
+            Some(Some(g)) if m.waypoint_workloads(g).next().is_none() => push(
+                Level::Error,
+                object.clone(),
+                format!(
+                    "its waypoint {}/{} has no pods (label gateway.networking.k8s.io/gateway-name): its traffic is refused",
+                    g.metadata.namespace, g.metadata.name
+                ),
+            ),
+            None if s.ports.iter().any(|p| m.routes_for(s, p.port).next().is_some()) => push(
+                Level::Warning,
+                object,
+                "has HTTPRoutes but no waypoint (istio.io/use-waypoint): the routes are not applied".into(),
+            ),
+            _ => {}
+        }
+    }
     out.sort_by(|a, b| b.level.cmp(&a.level).then(a.object.cmp(&b.object)));
     out
 }
@@ -240,5 +265,43 @@ peerAuthentications:
         )
         .unwrap();
         assert!(analyze(&m).iter().all(|f| f.level == Level::Info));
+    }
+
+    #[test]
+    fn waypoint_problems_are_reported() {
+        let m = MeshModel::from_yaml(
+            r#"
+nodes: [{name: n}]
+workloads:
+  - {name: a, namespace: shop, node: n, ips: [10.0.0.1], labels: {app: a}}
+services:
+  - {name: a, namespace: shop, ports: [{port: 80}], selector: {app: a}, labels: {istio.io/use-waypoint: ghost}}
+  - {name: b, namespace: shop, ports: [{port: 80}], selector: {app: a}, labels: {istio.io/use-waypoint: empty}}
+  - {name: c, namespace: shop, ports: [{port: 80}], selector: {app: a}}
+gateways:
+  - metadata: {name: empty, namespace: shop}
+    spec: {gatewayClassName: istio-waypoint}
+httpRoutes:
+  - metadata: {name: r, namespace: shop}
+    spec: {parentRefs: [{name: c}], rules: [{}]}
+"#,
+            "m",
+        )
+        .unwrap();
+        let f = analyze(&m);
+        let find = |o: &str| {
+            f.iter()
+                .find(|x| x.object == o)
+                .map(|x| (x.level, x.message.clone()))
+        };
+        assert!(
+            matches!(find("Service shop/a"), Some((Level::Error, msg)) if msg.contains("does not exist"))
+        );
+        assert!(
+            matches!(find("Service shop/b"), Some((Level::Error, msg)) if msg.contains("no pods"))
+        );
+        assert!(
+            matches!(find("Service shop/c"), Some((Level::Warning, msg)) if msg.contains("not applied"))
+        );
     }
 }

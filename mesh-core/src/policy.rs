@@ -168,6 +168,27 @@ pub fn waypoint_policies<'a>(
         .collect()
 }
 
+/// The CUSTOM policies among `policies` whose rules match the request: a
+/// waypoint asks each one's external authorizer before evaluating the rest
+/// (with [`evaluate`] on the non-CUSTOM policies), as Istio does.
+pub fn matching_custom<'a>(
+    policies: &[&'a AuthorizationPolicy],
+    c: &RequestInfo<'_>,
+) -> Vec<&'a AuthorizationPolicy> {
+    policies
+        .iter()
+        .filter(|p| p.spec.action == AuthorizationAction::Custom)
+        .filter(|p| {
+            p.spec
+                .rules
+                .iter()
+                .flatten()
+                .any(|r| rule_matches(r, c, Mode::DenyL4Only))
+        })
+        .copied()
+        .collect()
+}
+
 /// Decide a request against `policies` with Istio's order: CUSTOM and
 /// DENY first, AUDIT marks, then ALLOW. Without HTTP attributes (L4),
 /// L7-only rule parts never widen access.

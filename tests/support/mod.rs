@@ -349,9 +349,13 @@ pub fn issue(
 
 /// A test HTTP server (HTTP/1.1 and HTTP/2 prior knowledge) answering
 /// `<name> <method> <path> <x-added header>`; `/flaky` fails every other
-/// request with 503 and `/slow` takes 2 s. Returns its request counter.
+/// request with 503, `/slow` takes 2 s, `/reset` drops the connection;
+/// gRPC requests get an empty message and status 0 (14 for `…/Fail`).
+/// Returns its request counter.
 pub fn serve_http(l: TcpListener, name: &'static str) -> Arc<std::sync::atomic::AtomicUsize> {
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Frame;
+    use std::convert::Infallible;
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = count.clone();
     tokio::spawn(async move {
@@ -379,10 +383,38 @@ pub fn serve_http(l: TcpListener, name: &'static str) -> Arc<std::sync::atomic::
                             if path.starts_with("/slow") {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }
+                            if path.starts_with("/reset") {
+                                // Fails the connection without an answer.
+                                return Err(std::io::Error::other("reset as asked"));
+                            }
+                            let grpc = req
+                                .headers()
+                                .get("content-type")
+                                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                            if grpc {
+                                // A unary gRPC answer: an empty message, the
+                                // status in the trailers (14 for `/Fail`).
+                                let code = if path.ends_with("/Fail") { "14" } else { "0" };
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", code.parse().unwrap());
+                                let frames = vec![
+                                    Ok::<_, Infallible>(Frame::data(bytes::Bytes::from_static(&[
+                                        0, 0, 0, 0, 0,
+                                    ]))),
+                                    Ok(Frame::trailers(trailers)),
+                                ];
+                                let body =
+                                    http_body_util::StreamBody::new(futures::stream::iter(frames));
+                                let mut r = http::Response::new(body.boxed());
+                                r.headers_mut()
+                                    .insert("content-type", "application/grpc".parse().unwrap());
+                                return Ok(r);
+                            }
                             let body = format!("{name} {} {path} {added}\n", req.method());
-                            let mut r = http::Response::new(Full::new(bytes::Bytes::from(body)));
+                            let mut r =
+                                http::Response::new(Full::new(bytes::Bytes::from(body)).boxed());
                             *r.status_mut() = status;
-                            Ok::<_, std::convert::Infallible>(r)
+                            Ok::<_, std::io::Error>(r)
                         }
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(

@@ -26,6 +26,9 @@ pub struct LbPolicy {
     pub outlier: Option<Outlier>,
     /// Circuit breaking: requests in flight to the service at once.
     pub max_requests: Option<u32>,
+    /// Requests an upstream HTTP/1.1 connection carries before it is
+    /// retired.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,11 +80,11 @@ impl LbPolicy {
                     .unwrap_or(Duration::from_secs(30)),
                 max_ejection_percent: o.max_ejection_percent.unwrap_or(10),
             });
-        p.max_requests = tp
-            .connection_pool
-            .as_ref()
-            .and_then(|c| c.http.as_ref())
-            .and_then(|h| h.http2_max_requests);
+        let http = tp.connection_pool.as_ref().and_then(|c| c.http.as_ref());
+        p.max_requests = http.and_then(|h| h.http2_max_requests);
+        p.max_requests_per_connection = http
+            .and_then(|h| h.max_requests_per_connection)
+            .filter(|&n| n > 0);
         p
     }
 }

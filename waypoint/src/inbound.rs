@@ -147,7 +147,10 @@ async fn handle_stream(stream: InboundStream, ctx: Arc<Ctx>, peer: SocketAddr, p
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(ctx.cfg.max_header_bytes as u32)
-        .max_concurrent_streams(1000);
+        .max_concurrent_streams(1000)
+        // A peer that stops answering PINGs (or never speaks) is dropped.
+        .keep_alive_interval(ctx.cfg.header_timeout)
+        .keep_alive_timeout(Duration::from_secs(10));
     let svc_ctx = ctx.clone();
     let service = service_fn(move |req| proxy::handle(svc_ctx.clone(), conn.clone(), req));
     if let Err(e) = builder.serve_connection(io, service).await {

@@ -6,12 +6,15 @@
 //! agent with its own identity.
 //!
 //! Stages: [`inbound`] (tunnels in) → [`routes`] → [`proxy`] (policy,
-//! limits, faults, retries) → [`balancer`] → [`upstream`] (tunnels out);
+//! limits, faults, retries; [`extauthz`] for `CUSTOM` policies) →
+//! [`balancer`] → [`upstream`] (tunnels out);
 //! [`telemetry`] and the admin endpoint on the side.
 
 pub mod admin;
 pub mod balancer;
+pub mod extauthz;
 pub mod inbound;
+pub mod otlp;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
@@ -59,9 +62,13 @@ pub struct WaypointConfig {
     pub hbone: HboneSettings,
     pub handshake_timeout: Duration,
     /// Time a client has to send a request's headers (slowloris guard).
+    /// HTTP/1.1 counts the idle time before a keep-alive request too, so
+    /// this is also how long an idle client connection is kept.
     pub header_timeout: Duration,
     /// Largest request header block accepted.
     pub max_header_bytes: usize,
+    /// OTLP/HTTP collector (`http://host:port`) for request spans.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl WaypointConfig {
@@ -78,8 +85,9 @@ impl WaypointConfig {
             admin_addr: "127.0.0.1:15020".parse().expect("static address"),
             hbone: HboneSettings::default(),
             handshake_timeout: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
+            otlp_endpoint: None,
         }
     }
 }
@@ -99,6 +107,8 @@ pub enum WaypointError {
     Ca(#[from] mesh_core::identity::CaError),
     #[error("certificates: {0}")]
     Certs(#[from] mesh_core::identity::certs::CertError),
+    #[error("tracing: {0}")]
+    Otlp(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -128,6 +138,8 @@ pub struct Ctx {
     routes: Mutex<RouteCache>,
     pub active_requests: AtomicUsize,
     pub active_retries: AtomicUsize,
+    /// Span export, when a collector is configured.
+    pub spans: Option<otlp::SpanExporter>,
 }
 
 impl Ctx {
@@ -252,6 +264,17 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         .collect();
     let admin_addr = admin_l.local_addr().expect("bound");
     let (model_tx, model_rx) = watch::channel(Arc::new(model));
+    let mut tasks = vec![];
+    let spans = match &cfg.otlp_endpoint {
+        Some(e) => {
+            let (exporter, task) =
+                otlp::SpanExporter::start(e, format!("{}.{}", cfg.name, cfg.namespace))
+                    .map_err(WaypointError::Otlp)?;
+            tasks.push(task);
+            Some(exporter)
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         cfg,
         model: model_rx,
@@ -269,8 +292,8 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         }),
         active_requests: AtomicUsize::new(0),
         active_retries: AtomicUsize::new(0),
+        spans,
     });
-    let mut tasks = vec![];
     for l in listeners {
         let l = tokio::net::TcpListener::from_std(l).map_err(|source| WaypointError::Bind {
             addr: "0.0.0.0:0".parse().expect("static"),

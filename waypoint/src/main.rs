@@ -39,6 +39,9 @@ struct Cli {
     /// Metrics, readiness and config dump.
     #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
+    /// OTLP/HTTP collector for request spans (`http://host:port`).
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -76,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         cfg.listen = Some(cli.listen);
     }
     cfg.admin_addr = cli.admin_addr;
+    cfg.otlp_endpoint = cli.otlp_endpoint;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let wp = waypoint::start(cfg).await?;

@@ -1,7 +1,8 @@
 //! The life of one HTTP request through the waypoint, in named phases:
 //!
 //! 1. `route` — find the rule (404 when routes exist and none matches);
-//! 2. `authorize` — L7 AuthorizationPolicy (403);
+//! 2. `authorize` — `CUSTOM` policies ask their external authorizer, then
+//!    L7 AuthorizationPolicy (403);
 //! 3. `rate_limit` — the rule's token bucket (429 + `retry-after`);
 //! 4. `fault` — injected delay and abort;
 //! 5. `redirect` / `rewrite` — answer a redirect, or edit path, host and
@@ -14,7 +15,7 @@
 //!    are written when the response body ends.
 //!
 //! Every local answer carries a reason in the access log and Envoy-style
-//! response flags (`NR`, `RBAC`, `RL`, `FI`, `UH`, `UO`, `UF`, `URX`, `UT`).
+//! response flags (`NR`, `RBAC`, `UAEX`, `RL`, `FI`, `UH`, `UO`, `UF`, `URX`, `UT`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -30,11 +31,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use mesh_core::identity::SpiffeId;
 use mesh_core::metrics::{Peer, Reporter, RequestLabels, TcpLabels};
+use mesh_core::model::policy::AuthorizationAction;
 use mesh_core::model::{MeshModel, Service};
-use mesh_core::policy::{evaluate, waypoint_policies, HttpAttrs, RequestInfo};
+use mesh_core::policy::{evaluate, matching_custom, waypoint_policies, HttpAttrs, RequestInfo};
 use rand::Rng;
 
 use crate::balancer::{HashInput, LbPolicy, Outcome, PickError};
+use crate::extauthz;
 use crate::routes::{modify_headers, modify_path, Backend, Rule};
 use crate::upstream::{self, Target};
 use crate::Ctx;
@@ -75,7 +78,8 @@ struct Record {
     upstream: Option<SocketAddr>,
     destination_workload: Option<usize>,
     attempts: u32,
-    trace_id: Option<String>,
+    trace: Option<TraceIds>,
+    wall_start: std::time::SystemTime,
     request_bytes: u64,
     grpc: bool,
 }
@@ -99,7 +103,8 @@ pub async fn handle(
         upstream: None,
         destination_workload: None,
         attempts: 0,
-        trace_id: None,
+        trace: None,
+        wall_start: std::time::SystemTime::now(),
         request_bytes: req.body().size_hint().exact().unwrap_or(0),
         grpc: req
             .headers()
@@ -203,21 +208,79 @@ async fn process(
         &svc.namespace,
         &svc.name,
     );
-    let decision = evaluate(
-        &policies,
-        &RequestInfo {
-            source_identity: Some(&conn.source_identity),
-            source_ip: conn.source_ip,
-            destination_ip: conn.target.ip(),
-            destination_port: conn.port,
-            http: Some(HttpAttrs {
-                method: req.method().as_str(),
-                path: req.uri().path(),
-                host: &rec.host,
-                headers: req.headers(),
-            }),
-        },
-    );
+    let info = RequestInfo {
+        source_identity: Some(&conn.source_identity),
+        source_ip: conn.source_ip,
+        destination_ip: conn.target.ip(),
+        destination_port: conn.port,
+        http: Some(HttpAttrs {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: &rec.host,
+            headers: req.headers(),
+        }),
+    };
+    // CUSTOM first: each matching policy's external authorizer decides.
+    let mut allowed_headers = HeaderMap::new();
+    for p in matching_custom(&policies, &info) {
+        let provider = p
+            .spec
+            .provider
+            .as_ref()
+            .and_then(|pr| model.extension_providers.iter().find(|e| e.name == pr.name));
+        let Some(provider) = provider else {
+            return deny(
+                rec,
+                StatusCode::FORBIDDEN,
+                "UAEX",
+                format!(
+                    "policy {}/{}: unknown extension provider",
+                    p.metadata.namespace, p.metadata.name
+                ),
+                "RBAC: access denied",
+            );
+        };
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|x| x.as_str())
+            .unwrap_or("/");
+        let input = extauthz::CheckInput {
+            method: req.method(),
+            path_and_query: pq,
+            host: &rec.host,
+            headers: req.headers(),
+            protocol: req.version(),
+        };
+        match extauthz::check(ctx, conn, model, provider, &input).await {
+            extauthz::Verdict::Allow(h) => allowed_headers.extend(h),
+            extauthz::Verdict::Deny {
+                status,
+                headers,
+                body,
+                reason,
+            } => {
+                ctx.metrics
+                    .denials
+                    .get_or_create(&crate::telemetry::PolicyLabels {
+                        policy: format!("{}/{}", p.metadata.namespace, p.metadata.name),
+                    })
+                    .inc();
+                rec.flags = "UAEX";
+                rec.reason = reason;
+                let mut r = Response::new(full(body));
+                *r.status_mut() = status;
+                r.headers_mut().extend(headers);
+                return r;
+            }
+        }
+    }
+    let rest: Vec<_> = policies
+        .iter()
+        .copied()
+        .filter(|p| p.spec.action != AuthorizationAction::Custom)
+        .collect();
+    let decision = evaluate(&rest, &info);
     if !decision.allowed {
         ctx.metrics
             .denials
@@ -313,6 +376,9 @@ async fn process(
         return resp;
     }
     let (mut parts, body) = req.into_parts();
+    for (name, value) in allowed_headers.iter() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
     if let Some(m) = &rule.request_headers {
         modify_headers(m, &mut parts.headers);
     }
@@ -351,7 +417,7 @@ async fn process(
             }
         }
     }
-    rec.trace_id = Some(propagate_trace(&mut parts.headers));
+    rec.trace = Some(propagate_trace(&mut parts.headers));
     if !parts.headers.contains_key("x-request-id") {
         let id = format!("{:032x}", rand::rng().random::<u128>());
         if let Ok(v) = HeaderValue::from_str(&id) {
@@ -481,9 +547,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// A request's place in its trace.
+struct TraceIds {
+    trace: String,
+    /// The waypoint's span, the upstream request's parent.
+    span: String,
+    /// The client's span, when it sent one.
+    parent: Option<String>,
+}
+
 /// W3C trace context: keep the trace, start a new span for the upstream
-/// hop (or a new sampled trace when there is none). Returns the trace id.
-fn propagate_trace(h: &mut HeaderMap) -> String {
+/// hop (or a new sampled trace when there is none).
+fn propagate_trace(h: &mut HeaderMap) -> TraceIds {
     let mut rng = rand::rng();
     let parent = h
         .get("traceparent")
@@ -498,27 +573,43 @@ fn propagate_trace(h: &mut HeaderMap) -> String {
                 && hex(p[2], 16)
                 && hex(p[3], 2)
                 && p[1] != "00000000000000000000000000000000")
-                .then(|| (p[1].to_ascii_lowercase(), p[3].to_string()))
+                .then(|| {
+                    (
+                        p[1].to_ascii_lowercase(),
+                        p[3].to_string(),
+                        p[2].to_ascii_lowercase(),
+                    )
+                })
         });
-    let (trace, flags) =
-        parent.unwrap_or_else(|| (format!("{:032x}", rng.random::<u128>() | 1), "01".into()));
+    let (trace, flags, parent) = match parent {
+        Some((t, f, p)) => (t, f, Some(p)),
+        None => (
+            format!("{:032x}", rng.random::<u128>() | 1),
+            "01".into(),
+            None,
+        ),
+    };
     let span = format!("{:016x}", rng.random::<u64>() | 1);
     if let Ok(v) = HeaderValue::from_str(&format!("00-{trace}-{span}-{flags}")) {
         h.insert("traceparent", v);
     }
-    trace
+    TraceIds {
+        trace,
+        span,
+        parent,
+    }
 }
 
 /// A failed attempt, for the retry decision and the log.
-struct Failure {
-    status: StatusCode,
-    flags: &'static str,
-    reason: String,
-    connect: bool,
+pub(crate) struct Failure {
+    pub status: StatusCode,
+    pub flags: &'static str,
+    pub reason: String,
+    pub connect: bool,
 }
 
 /// Send to one endpoint of `backend` (one attempt).
-async fn send_once(
+pub(crate) async fn send_once(
     ctx: &Arc<Ctx>,
     conn: &ConnCtx,
     model: &MeshModel,
@@ -584,6 +675,7 @@ async fn send_once(
         addr: picked.addr,
         identity: &identity,
         connect_headers,
+        max_requests_per_connection: policy.max_requests_per_connection,
     };
     let endpoints = model.service_endpoints(svc).count();
     match ctx.upstream.send(&target, req).await {
@@ -841,6 +933,7 @@ impl Tracked {
             response_code: d.status,
             grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
         };
+        export_span(&d, d.status, self.bytes);
         let elapsed = rec.start.elapsed();
         let m = &d.ctx.metrics.requests;
         m.requests.get_or_create(&labels).inc();
@@ -868,12 +961,51 @@ impl Tracked {
             attempts = rec.attempts,
             duration_ms = elapsed.as_millis() as u64,
             bytes_sent = self.bytes,
-            trace_id = %rec.trace_id.as_deref().unwrap_or("-"),
+            trace_id = %rec.trace.as_ref().map_or("-", |t| t.trace.as_str()),
             grpc_status = %self.grpc_status.as_deref().unwrap_or("-"),
             reason = %rec.reason,
             "request"
         );
     }
+}
+
+fn export_span(d: &Done, status: u16, bytes: u64) {
+    let (Some(spans), Some(t)) = (&d.ctx.spans, &d.rec.trace) else {
+        return;
+    };
+    let rec = &d.rec;
+    spans.export(crate::otlp::Span {
+        trace_id: t.trace.clone(),
+        span_id: t.span.clone(),
+        parent_span_id: t.parent.clone(),
+        name: format!(
+            "{}.{}.svc.cluster.local:{}/*",
+            d.conn.service_name, d.conn.service_namespace, d.conn.port
+        ),
+        start: rec.wall_start,
+        end: std::time::SystemTime::now(),
+        error: status >= 500,
+        attributes: vec![
+            ("http.request.method", rec.method.as_str().into()),
+            ("url.path", rec.path.clone().into()),
+            ("server.address", rec.host.clone().into()),
+            ("http.response.status_code", status.into()),
+            ("http.response.body.size", bytes.into()),
+            (
+                "istio.source_principal",
+                d.conn.source_identity.to_string().into(),
+            ),
+            (
+                "upstream.address",
+                rec.upstream
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+                    .into(),
+            ),
+            ("route", rec.route.clone().into()),
+            ("response_flags", rec.flags.into()),
+        ],
+    });
 }
 
 impl Drop for Tracked {

@@ -56,7 +56,12 @@ pub struct Target<'a> {
     pub identity: &'a SpiffeId,
     /// Extra CONNECT headers (`forwarded`, `baggage`).
     pub connect_headers: HeaderMap,
+    /// Retire an HTTP/1.1 connection after this many requests.
+    pub max_requests_per_connection: Option<u32>,
 }
+
+/// A kept-alive HTTP/1.1 connection and the requests it has carried.
+type IdleConnection = (http1::SendRequest<Body>, u32);
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -65,7 +70,7 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 pub struct Upstream {
     connector: HboneConnector,
     source: SpiffeId,
-    idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<IdleConnection>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
     hbone_port: u16,
 }
@@ -165,13 +170,13 @@ impl Upstream {
         let reused = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let list = idle.entry(addr).or_default();
-            list.retain(|s| !s.is_closed());
+            list.retain(|(s, _)| !s.is_closed());
             list.iter()
-                .position(|s| s.is_ready())
+                .position(|(s, _)| s.is_ready())
                 .map(|i| list.swap_remove(i))
         };
-        let mut sender = match reused {
-            Some(s) => s,
+        let (mut sender, used) = match reused {
+            Some((s, used)) => (s, used),
             None => {
                 let io = self.tunnel(t).await?;
                 let (sender, conn) = http1::handshake(io)
@@ -182,9 +187,10 @@ impl Upstream {
                         tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
                     }
                 });
-                sender
+                (sender, 0)
             }
         };
+        let used = used + 1;
         // HTTP/1.1 upstream: origin-form URI, the authority in Host.
         if let Some(authority) = req.uri().authority().cloned() {
             req.headers_mut().entry(http::header::HOST).or_insert(
@@ -198,13 +204,14 @@ impl Upstream {
         }
         *req.version_mut() = Version::HTTP_11;
         let result = sender.send_request(req).await;
-        if result.is_ok() && !sender.is_closed() {
+        let retire = t.max_requests_per_connection.is_some_and(|max| used >= max);
+        if result.is_ok() && !sender.is_closed() && !retire {
             // Back to the pool: ready again once this response's body is
             // read to the end.
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let list = idle.entry(addr).or_default();
             if list.len() < MAX_IDLE_PER_ENDPOINT {
-                list.push(sender);
+                list.push((sender, used));
             }
         }
         result.map_err(|source| UpstreamError::Reset { addr, source })

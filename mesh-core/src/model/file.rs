@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicUsize;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::gateway::{self, DestinationRule, Gateway, HttpRoute};
+use super::gateway::{self, DestinationRule, ExtensionProviderConfig, Gateway, HttpRoute};
 use super::policy::{AuthorizationAction, AuthorizationPolicy, PeerAuthentication, Rule};
 use super::{MeshModel, Namespace, Node, Service, Workload};
 
@@ -55,6 +55,9 @@ pub struct MeshFile {
     pub http_routes: Vec<HttpRoute>,
     #[serde(default)]
     pub destination_rules: Vec<DestinationRule>,
+    /// External authorizers for `CUSTOM` policies (Istio MeshConfig).
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProviderConfig>,
 }
 
 fn default_trust_domain() -> String {
@@ -364,6 +367,7 @@ impl MeshModel {
             gateways: f.gateways,
             http_routes: f.http_routes,
             destination_rules: f.destination_rules,
+            extension_providers: f.extension_providers,
             source: source_name.to_string(),
             by_ip,
             by_vip,
@@ -540,6 +544,58 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
         }
         gateway::check_traffic_policy(&d.spec.traffic_policy)
             .map_err(|(f, r)| (at(&format!("spec.{f}")), r))?;
+    }
+    let mut names = HashSet::new();
+    for (i, p) in f.extension_providers.iter().enumerate() {
+        let at = |field: &str| format!("extensionProviders[{i}].{field}");
+        check_dns_label(&p.name, true).map_err(|r| (at("name"), r))?;
+        if !names.insert(p.name.as_str()) {
+            return Err((at("name"), format!("duplicate provider {:?}", p.name)));
+        }
+        let Some((svc, port, timeout)) = p.endpoint() else {
+            return Err((
+                at("name"),
+                "set exactly one of envoyExtAuthzHttp, envoyExtAuthzGrpc".into(),
+            ));
+        };
+        let kind = if p.envoy_ext_authz_http.is_some() {
+            "envoyExtAuthzHttp"
+        } else {
+            "envoyExtAuthzGrpc"
+        };
+        let (name, ns) = super::split_host(svc, "default");
+        let found = service(ns, name);
+        match found {
+            None => {
+                return Err((
+                    at(&format!("{kind}.service")),
+                    format!("{svc:?} names no service in the mesh (use name.namespace)"),
+                ))
+            }
+            Some(s) if !s.ports.iter().any(|sp| sp.port == port) => {
+                return Err((
+                    at(&format!("{kind}.port")),
+                    format!("service {ns}/{name} has no port {port}"),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(t) = timeout {
+            gateway::parse_duration(t).map_err(|r| (at(&format!("{kind}.timeout")), r))?;
+        }
+    }
+    for (i, p) in f.authorization_policies.iter().enumerate() {
+        if let Some(provider) = &p.spec.provider {
+            if !names.contains(provider.name.as_str()) {
+                return Err((
+                    format!("authorizationPolicies[{i}].spec.provider.name"),
+                    format!(
+                        "unknown extension provider {:?} (not in extensionProviders)",
+                        provider.name
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -1004,6 +1060,20 @@ workloads:
             "{GOOD}destinationRules:\n  - metadata: {{name: d, namespace: shop}}\n    spec: {{host: nope}}\n"
         ));
         assert_eq!(e.field, "destinationRules[0].spec.host");
+        let custom = GOOD.replace(
+            "peerAuthentications:",
+            "  - metadata: {name: c, namespace: shop}\n    spec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}\npeerAuthentications:",
+        );
+        let e = err_of(&custom);
+        assert_eq!(e.field, "authorizationPolicies[1].spec.provider.name");
+        assert!(e.reason.contains("unknown extension provider"), "{e}");
+        let with_provider = custom.replace(
+            "peerAuthentications:",
+            "extensionProviders:\n  - {name: opa, envoyExtAuthzGrpc: {service: echo.shop, port: 81}}\npeerAuthentications:",
+        );
+        let e = err_of(&with_provider);
+        assert_eq!(e.field, "extensionProviders[0].envoyExtAuthzGrpc.port");
+        assert!(MeshModel::from_yaml(&with_provider.replace("port: 81", "port: 80"), "m").is_ok());
     }
 
     #[test]

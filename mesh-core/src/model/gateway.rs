@@ -847,3 +847,67 @@ pub(crate) fn check_traffic_policy(t: &TrafficPolicy) -> Result<(), FieldError> 
     }
     Ok(())
 }
+
+/// Istio MeshConfig `extensionProviders` entry: an external authorizer that
+/// `CUSTOM` AuthorizationPolicies name. Exactly one of the two kinds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExtensionProviderConfig {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_http: Option<ExtAuthzHttp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_grpc: Option<ExtAuthzGrpc>,
+}
+
+/// Envoy-style HTTP authorization: the request's method, path and chosen
+/// headers are sent to the service; 2xx allows, anything else denies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExtAuthzHttp {
+    /// A mesh service: `name.namespace[.svc.cluster.local]`.
+    pub service: String,
+    pub port: u16,
+    /// Default `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Let requests through when the authorizer cannot be reached
+    /// (default false: fail closed).
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Request headers sent with the check (always: `host`, `:path` and
+    /// `:method` as the check request's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_request_headers_in_check: Vec<String>,
+    /// Headers of an allowing answer copied onto the upstream request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    /// Headers of a denying answer copied onto the response.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_deny: Vec<String>,
+}
+
+/// Envoy `envoy.service.auth.v3.Authorization/Check` over gRPC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExtAuthzGrpc {
+    pub service: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+impl ExtensionProviderConfig {
+    /// The service, port and timeout of whichever kind this is.
+    pub fn endpoint(&self) -> Option<(&str, u16, Option<&str>)> {
+        match (&self.envoy_ext_authz_http, &self.envoy_ext_authz_grpc) {
+            (Some(h), None) => Some((&h.service, h.port, h.timeout.as_deref())),
+            (None, Some(g)) => Some((&g.service, g.port, g.timeout.as_deref())),
+            _ => None,
+        }
+    }
+}

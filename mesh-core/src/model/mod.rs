@@ -150,6 +150,7 @@ pub struct MeshModel {
     pub gateways: Vec<Gateway>,
     pub http_routes: Vec<HttpRoute>,
     pub destination_rules: Vec<DestinationRule>,
+    pub extension_providers: Vec<gateway::ExtensionProviderConfig>,
     /// Where the model came from (file path or "inline").
     pub source: String,
     #[serde(skip)]
