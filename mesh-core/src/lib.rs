@@ -1,10 +1,12 @@
 //! mesh-core: what Sluice's node agent and waypoint share — the mesh model,
 //! workload identities and certificates, HBONE (HTTP/2 CONNECT over mutual
-//! TLS) with its connection pool, and Istio-compatible metrics.
+//! TLS) with its connection pool, Istio-compatible metrics, and the model's
+//! two sources: the mesh file and a Kubernetes cluster.
 
 pub mod analyze;
 pub mod hbone;
 pub mod identity;
+pub mod kube;
 pub mod metrics;
 pub mod model;
 pub mod policy;

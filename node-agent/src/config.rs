@@ -46,6 +46,19 @@ pub struct AgentConfig {
     /// Time allowed for an inbound TLS handshake.
     pub handshake_timeout: Duration,
     pub hbone: HboneSettings,
+    /// Watch a Kubernetes API server instead of reading `mesh_file`.
+    pub kube: Option<KubeSource>,
+}
+
+/// Where the cluster is, in Kubernetes mode.
+#[derive(Debug, Clone)]
+pub struct KubeSource {
+    /// A kubeconfig file; `None`: the in-cluster service account (or
+    /// `$KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    pub trust_domain: String,
+    /// Istio's root namespace (mesh-wide policies).
+    pub root_namespace: String,
 }
 
 impl AgentConfig {
@@ -69,6 +82,7 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             hbone: HboneSettings::default(),
+            kube: None,
         }
     }
 }

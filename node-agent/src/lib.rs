@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{AgentConfig, CaSource};
+pub use config::{AgentConfig, CaSource, KubeSource};
 use orig_dst::OriginalDestination;
 use telemetry::{AgentMetrics, ResultLabels};
 
@@ -47,6 +47,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("Kubernetes: {0}")]
+    Kube(String),
     #[error("eBPF capture: {0}")]
     Capture(#[from] capture::CaptureError),
     #[error("network namespace {name}: {source}")]
@@ -211,10 +213,35 @@ pub async fn start(
     cfg: AgentConfig,
     orig_dst: Arc<dyn OriginalDestination>,
 ) -> Result<AgentHandle, AgentError> {
-    let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
-    if !model.nodes.iter().any(|n| n.name == cfg.node) {
-        return Err(AgentError::UnknownNode(cfg.node.clone()));
-    }
+    let mut registry = Registry::default();
+    let metrics = AgentMetrics::register(&mut registry);
+    let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::empty("cluster.local")));
+    // The model's source: the mesh file, or the cluster (then the first
+    // model is complete before anything is served).
+    let (loaded, mut tasks) = match &cfg.kube {
+        None => {
+            let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
+            if !model.nodes.iter().any(|n| n.name == cfg.node) {
+                return Err(AgentError::UnknownNode(cfg.node.clone()));
+            }
+            model_tx.send_replace(Arc::new(model));
+            (Some(loaded), vec![])
+        }
+        Some(k) => {
+            let client = kube_client(k.kubeconfig.as_deref()).await?;
+            let report = Arc::new(KubeReport(metrics.config_updates.clone()));
+            let tasks = mesh_core::kube::watch::follow_cluster(
+                client,
+                k.trust_domain.clone(),
+                k.root_namespace.clone(),
+                model_tx.clone(),
+                report,
+            )
+            .await;
+            (None, tasks)
+        }
+    };
+    let model = model_rx.borrow().clone();
     let ca = Arc::new(load_ca(&cfg.ca, &model.trust_domain)?);
     let root = ca.root().clone();
     let signer = Arc::new(LocalSigner {
@@ -223,9 +250,6 @@ pub async fn start(
     });
     let certs = CertificateStore::new(signer, vec![root], &model.trust_domain)?;
     let connector = HboneConnector::new(certs.clone(), cfg.hbone.clone());
-    let mut registry = Registry::default();
-    let metrics = AgentMetrics::register(&mut registry);
-    let (model_tx, model_rx) = watch::channel(Arc::new(model));
     let capture = match &cfg.capture {
         Some(c) => Some(Arc::new(capture::Capture::load(c.clone())?)),
         None => None,
@@ -283,10 +307,10 @@ pub async fn start(
             .collect();
         c.prune(&keep_ns, &keep_ips);
     }
-    let tasks = vec![
-        tokio::spawn(watch_mesh_file(ctx.clone(), loaded, model_tx)),
-        tokio::spawn(follow_model(ctx.clone())),
-    ];
+    if let Some(loaded) = loaded {
+        tasks.push(tokio::spawn(watch_mesh_file(ctx.clone(), loaded, model_tx)));
+    }
+    tasks.push(tokio::spawn(follow_model(ctx.clone())));
     Ok(AgentHandle {
         ctx,
         admin_addr,
@@ -295,6 +319,56 @@ pub async fn start(
         tasks,
         admin: Some(admin),
     })
+}
+
+/// A Kubernetes client from a kubeconfig file, or inferred (in-cluster
+/// service account, `$KUBECONFIG`).
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, AgentError> {
+    // rustls needs one process-wide crypto provider when several are built in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| AgentError::Kube(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| AgentError::Kube(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| AgentError::Kube(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| AgentError::Kube(e.to_string()))
+}
+
+/// Model updates from the cluster, counted like mesh-file updates.
+struct KubeReport(
+    prometheus_client::metrics::family::Family<
+        ResultLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+);
+
+impl mesh_core::kube::watch::WatchReport for KubeReport {
+    fn applied(&self, model: &MeshModel) {
+        tracing::info!(
+            workloads = model.workloads.len(),
+            services = model.services.len(),
+            "mesh model updated from the cluster"
+        );
+        self.0
+            .get_or_create(&ResultLabels { result: "applied" })
+            .inc();
+    }
+
+    fn problems(&self, problems: &[String]) {
+        for p in problems {
+            tracing::warn!(problem = %p, "object left out of the mesh model");
+        }
+        self.0
+            .get_or_create(&ResultLabels { result: "partial" })
+            .inc();
+    }
 }
 
 /// Follow the mesh file; besides validation, an update must keep this

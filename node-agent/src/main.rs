@@ -68,9 +68,21 @@ struct RunArgs {
     /// This node's name in the mesh file.
     #[arg(long, env = "SLUICE_NODE")]
     node: String,
-    /// The local mesh file.
-    #[arg(long, env = "SLUICE_MESH_FILE")]
-    mesh_file: PathBuf,
+    /// The local mesh file (the embedded default mode).
+    #[arg(long, env = "SLUICE_MESH_FILE", required_unless_present = "kube")]
+    mesh_file: Option<PathBuf>,
+    /// Watch the Kubernetes API server instead of a mesh file.
+    #[arg(long, env = "SLUICE_KUBE")]
+    kube: bool,
+    /// Kubeconfig for `--kube` (default: in-cluster, or $KUBECONFIG).
+    #[arg(long, env = "SLUICE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Trust domain of workload identities in Kubernetes mode.
+    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Istio's root namespace (mesh-wide policies) in Kubernetes mode.
+    #[arg(long, env = "SLUICE_ROOT_NAMESPACE", default_value = "istio-system")]
+    root_namespace: String,
     /// How often to check the mesh file for changes.
     #[arg(long, env = "SLUICE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
@@ -182,7 +194,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
-    let mut cfg = AgentConfig::new(&a.node, a.mesh_file);
+    let mut cfg = AgentConfig::new(&a.node, a.mesh_file.unwrap_or_default());
+    if a.kube {
+        cfg.kube = Some(node_agent::KubeSource {
+            kubeconfig: a.kubeconfig,
+            trust_domain: a.trust_domain,
+            root_namespace: a.root_namespace,
+        });
+    }
     cfg.reload_interval = a.reload_interval;
     cfg.ca = match (a.ca_cert, a.ca_key) {
         (Some(cert), Some(key)) => CaSource::Files {

@@ -4,6 +4,7 @@
 //! in-process agents. Everything is removed when the harness is dropped,
 //! also when the test fails.
 
+pub mod kube;
 pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

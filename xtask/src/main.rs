@@ -6,6 +6,8 @@
 //!   skipping what is already there.
 //! - `build-ebpf`: build `ebpf/programs` into `target/ebpf/sluice-ebpf.o`.
 //! - `demo`: all of the above, then the local multi-node demo.
+//! - `kube-apiserver`: build the Kubernetes API server the Kubernetes tests
+//!   use (Debian's source package, once; cached outside the repository).
 //! - `test`: all of the above, then formatting, lints and every test.
 
 use std::process::Command;
@@ -28,6 +30,9 @@ enum Task {
     BuildEbpf,
     /// Build everything and run the local demo cluster.
     Demo,
+    /// Build (once, cached outside the repository) the Kubernetes API
+    /// server the Kubernetes tests run against.
+    KubeApiserver,
     /// Run formatting and lint checks and the whole test suite.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -114,9 +119,11 @@ fn main() -> Result<()> {
                 "sluice-demo",
             ]))
         }
+        Task::KubeApiserver => kube_apiserver(&root),
         Task::Test { no_lint } => {
             setup()?;
             build_ebpf(&root)?;
+            kube_apiserver(&root)?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--check"]))?;
                 run(cargo()
@@ -208,6 +215,12 @@ fn setup() -> Result<()> {
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
     }
     Ok(())
+}
+
+/// kube-apiserver v1.20 from Debian's source package, cached in
+/// /var/cache/sluice-kube (see the script).
+fn kube_apiserver(root: &std::path::Path) -> Result<()> {
+    run(Command::new("sh").arg(root.join("xtask/scripts/kube-apiserver.sh")))
 }
 
 /// Where the agent looks for the eBPF object by default.

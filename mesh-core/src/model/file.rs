@@ -28,7 +28,7 @@ pub struct ModelError {
 }
 
 /// The file format. Field names are camelCase like Kubernetes objects.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshFile {
     #[serde(default = "default_trust_domain")]
