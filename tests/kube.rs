@@ -30,6 +30,7 @@ async fn agent(
         kubeconfig: Some(api.kubeconfig.clone()),
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
+        proc_root: "/proc".into(),
     });
     c.ca = CaSource::Files {
         cert: dir.0.join("root.pem"),

@@ -59,6 +59,8 @@ pub struct KubeSource {
     pub trust_domain: String,
     /// Istio's root namespace (mesh-wide policies).
     pub root_namespace: String,
+    /// The host's /proc (pod network namespaces are found there).
+    pub proc_root: PathBuf,
 }
 
 impl AgentConfig {

@@ -14,6 +14,7 @@ pub mod inbound;
 pub mod orig_dst;
 pub mod outbound;
 pub mod podnet;
+pub mod podns;
 pub mod telemetry;
 
 use std::collections::HashMap;
@@ -230,10 +231,24 @@ pub async fn start(
         Some(k) => {
             let client = kube_client(k.kubeconfig.as_deref()).await?;
             let report = Arc::new(KubeReport(metrics.config_updates.clone()));
+            // This node's pods are served inside their own network
+            // namespaces, found through the host's /proc.
+            let node = cfg.node.clone();
+            let proc_root = k.proc_root.clone();
+            let netns = Arc::new(move |pod: &k8s_openapi::api::core::v1::Pod| {
+                let on_this_node =
+                    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
+                let uid = pod.metadata.uid.as_deref()?;
+                on_this_node
+                    .then(|| podns::find_pod_netns(&proc_root, uid))
+                    .flatten()
+                    .map(|p| p.display().to_string())
+            });
             let tasks = mesh_core::kube::watch::follow_cluster(
                 client,
                 k.trust_domain.clone(),
                 k.root_namespace.clone(),
+                netns,
                 model_tx.clone(),
                 report,
             )

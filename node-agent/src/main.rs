@@ -80,6 +80,10 @@ struct RunArgs {
     /// Trust domain of workload identities in Kubernetes mode.
     #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// The host's /proc in Kubernetes mode (pod network namespaces are
+    /// found there; e.g. `/host/proc` when mounted into the agent's pod).
+    #[arg(long, env = "SLUICE_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
     /// Istio's root namespace (mesh-wide policies) in Kubernetes mode.
     #[arg(long, env = "SLUICE_ROOT_NAMESPACE", default_value = "istio-system")]
     root_namespace: String,
@@ -200,6 +204,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             kubeconfig: a.kubeconfig,
             trust_domain: a.trust_domain,
             root_namespace: a.root_namespace,
+            proc_root: a.proc_root,
         });
     }
     cfg.reload_interval = a.reload_interval;

@@ -217,10 +217,26 @@ macro_rules! custom {
     };
 }
 
+/// Where a pod's network namespace is (a path), when this node knows it.
+pub type NetnsOf<'a> = &'a (dyn Fn(&Pod) -> Option<String> + Send + Sync);
+
 /// Build the mesh model from the cluster's objects.
-pub fn translate(state: &ClusterState, trust_domain: &str, root_namespace: &str) -> Translation {
+pub fn translate(
+    state: &ClusterState,
+    trust_domain: &str,
+    root_namespace: &str,
+    netns: NetnsOf<'_>,
+) -> Translation {
     let mut problems = vec![];
-    let workloads: Vec<Workload> = state.pods.iter().filter_map(workload_of).collect();
+    let workloads: Vec<Workload> = state
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let mut w = workload_of(p)?;
+            w.netns = netns(p);
+            Some(w)
+        })
+        .collect();
     let mut nodes: Vec<Node> = state
         .nodes
         .iter()
@@ -521,7 +537,7 @@ spec:
 
     #[test]
     fn pods_services_and_policies_become_the_model() {
-        let t = translate(&state(), "cluster.local", "istio-system");
+        let t = translate(&state(), "cluster.local", "istio-system", &|_| None);
         let m = &t.model;
         let names: Vec<_> = m.workloads.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(
@@ -571,7 +587,7 @@ spec:
         clash.metadata.name = Some("impostor".into());
         clash.status.as_mut().unwrap().pod_ip = Some("10.244.1.7".into());
         s.pods.push(clash);
-        let t = translate(&s, "cluster.local", "istio-system");
+        let t = translate(&s, "cluster.local", "istio-system", &|_| None);
         assert!(t.model.workloads.iter().all(|w| w.name != "impostor"));
         assert_eq!(t.model.workloads.len(), 4);
         assert!(

@@ -85,6 +85,9 @@ impl Stores {
     }
 }
 
+/// Finds a pod's network namespace (see [`super::translate::NetnsOf`]).
+pub type NetnsResolver = dyn Fn(&Pod) -> Option<String> + Send + Sync;
+
 /// Counters the caller exports (`sluice_config_updates_total` and
 /// friends).
 pub trait WatchReport: Send + Sync + 'static {
@@ -155,6 +158,7 @@ pub async fn follow_cluster(
     client: Client,
     trust_domain: String,
     root_namespace: String,
+    netns: Arc<NetnsResolver>,
     tx: watch::Sender<Arc<MeshModel>>,
     report: Arc<dyn WatchReport>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -222,7 +226,12 @@ pub async fn follow_cluster(
         let stores = stores.clone();
         let report = report.clone();
         move || {
-            let t = translate(&stores.snapshot(), &trust_domain, &root_namespace);
+            let t = translate(
+                &stores.snapshot(),
+                &trust_domain,
+                &root_namespace,
+                netns.as_ref(),
+            );
             if !t.problems.is_empty() {
                 report.problems(&t.problems);
             }
