@@ -231,3 +231,88 @@ async fn agents_follow_the_cluster_through_changes_and_an_api_server_restart() {
     assert!(eventually(T, || a.ctx.model().workloads.len() == 2).await);
     assert!(a.ctx.model().workloads.iter().all(|w| w.name != "client"));
 }
+
+/// `deploy/manifests` applies to a real API server, and the properties the
+/// operator relies on hold: read-only RBAC, a DaemonSet on every node with
+/// exactly the capabilities it needs and readiness on 15021.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
+    if !kube_available() {
+        return;
+    }
+    let api = tokio::task::spawn_blocking(KubeApi::start).await.unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/manifests");
+    // The namespace for real (namespaced objects cannot be dry-run into a
+    // namespace that does not exist), everything else validated by the
+    // server, then RBAC for real to ask what the agent may do.
+    api.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{dir}/00-namespace.yaml"),
+    ]);
+    api.kubectl(&["apply", "--server-side", "--dry-run=server", "-f", dir]);
+    api.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{dir}/10-rbac.yaml"),
+    ]);
+    let can = |verb: &str, what: &str| {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&api.kubeconfig)
+            .args([
+                "auth",
+                "can-i",
+                verb,
+                what,
+                "--as=system:serviceaccount:sluice-system:sluice-agent",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for what in [
+        "pods",
+        "services",
+        "namespaces",
+        "nodes",
+        "authorizationpolicies.security.istio.io",
+        "httproutes.gateway.networking.k8s.io",
+    ] {
+        assert!(can("watch", what), "agent cannot watch {what}");
+    }
+    for (verb, what) in [
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("update", "authorizationpolicies.security.istio.io"),
+        ("list", "configmaps"),
+    ] {
+        assert!(
+            !can(verb, what),
+            "agent may {verb} {what}: more than it needs"
+        );
+    }
+    // The DaemonSet's promises.
+    let ds: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{dir}/20-agent-daemonset.yaml")).unwrap(),
+    )
+    .unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+    assert_eq!(pod["hostPID"], true);
+    let c = &pod["containers"][0];
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], 15021);
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    let caps = &c["securityContext"]["capabilities"];
+    assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        caps["add"],
+        serde_json::json!(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"])
+    );
+    assert_eq!(c["securityContext"]["privileged"], false);
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+}

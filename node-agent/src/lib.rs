@@ -339,21 +339,9 @@ pub async fn start(
 /// A Kubernetes client from a kubeconfig file, or inferred (in-cluster
 /// service account, `$KUBECONFIG`).
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, AgentError> {
-    // rustls needs one process-wide crypto provider when several are built in.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| AgentError::Kube(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| AgentError::Kube(format!("{}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| AgentError::Kube(e.to_string()))?,
-    };
-    kube::Client::try_from(config).map_err(|e| AgentError::Kube(e.to_string()))
+    mesh_core::kube::client(kubeconfig)
+        .await
+        .map_err(AgentError::Kube)
 }
 
 /// Model updates from the cluster, counted like mesh-file updates.

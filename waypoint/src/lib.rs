@@ -69,6 +69,17 @@ pub struct WaypointConfig {
     pub max_header_bytes: usize,
     /// OTLP/HTTP collector (`http://host:port`) for request spans.
     pub otlp_endpoint: Option<String>,
+    /// Watch a Kubernetes API server instead of `mesh_file`.
+    pub kube: Option<KubeMode>,
+}
+
+/// Where the cluster is, in Kubernetes mode.
+#[derive(Debug, Clone)]
+pub struct KubeMode {
+    /// `None`: in-cluster credentials (or `$KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    pub trust_domain: String,
+    pub root_namespace: String,
 }
 
 impl WaypointConfig {
@@ -88,6 +99,7 @@ impl WaypointConfig {
             header_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
             otlp_endpoint: None,
+            kube: None,
         }
     }
 }
@@ -107,6 +119,8 @@ pub enum WaypointError {
     Ca(#[from] mesh_core::identity::CaError),
     #[error("certificates: {0}")]
     Certs(#[from] mesh_core::identity::certs::CertError),
+    #[error("Kubernetes: {0}")]
+    Kube(String),
     #[error("tracing: {0}")]
     Otlp(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -181,6 +195,36 @@ impl Ctx {
     }
 }
 
+/// Model updates from the cluster, counted like mesh-file updates.
+struct KubeReport(
+    prometheus_client::metrics::family::Family<
+        ResultLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+);
+
+impl mesh_core::kube::watch::WatchReport for KubeReport {
+    fn applied(&self, model: &MeshModel) {
+        tracing::info!(
+            services = model.services.len(),
+            routes = model.http_routes.len(),
+            "mesh model updated from the cluster"
+        );
+        self.0
+            .get_or_create(&ResultLabels { result: "applied" })
+            .inc();
+    }
+
+    fn problems(&self, problems: &[String]) {
+        for p in problems {
+            tracing::warn!(problem = %p, "object left out of the mesh model");
+        }
+        self.0
+            .get_or_create(&ResultLabels { result: "partial" })
+            .inc();
+    }
+}
+
 /// A running waypoint; stops when dropped.
 pub struct WaypointHandle {
     pub ctx: Arc<Ctx>,
@@ -207,7 +251,36 @@ impl Drop for WaypointHandle {
 /// Start the waypoint: load the model, find itself in it, get its
 /// certificate, listen for HBONE and follow the mesh file.
 pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError> {
-    let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
+    let mut registry = Registry::default();
+    let metrics = WaypointMetrics::register(&mut registry);
+    let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::empty("cluster.local")));
+    let mut tasks = vec![];
+    let loaded = match &cfg.kube {
+        None => {
+            let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
+            model_tx.send_replace(Arc::new(model));
+            Some(loaded)
+        }
+        Some(k) => {
+            let client = mesh_core::kube::client(k.kubeconfig.as_deref())
+                .await
+                .map_err(WaypointError::Kube)?;
+            let report = Arc::new(KubeReport(metrics.config_updates.clone()));
+            tasks.extend(
+                mesh_core::kube::watch::follow_cluster(
+                    client,
+                    k.trust_domain.clone(),
+                    k.root_namespace.clone(),
+                    Arc::new(|_: &k8s_openapi::api::core::v1::Pod| None),
+                    model_tx.clone(),
+                    report,
+                )
+                .await,
+            );
+            None
+        }
+    };
+    let model = model_rx.borrow().clone();
     let gw = model
         .gateways
         .iter()
@@ -242,8 +315,6 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
     let _ = certs.ensure(&identity);
     let connector = HboneConnector::new(certs.clone(), cfg.hbone.clone());
     let upstream = Upstream::new(connector, identity.clone());
-    let mut registry = Registry::default();
-    let metrics = WaypointMetrics::register(&mut registry);
 
     let bind = |addr: SocketAddr| {
         std::net::TcpListener::bind(addr)
@@ -263,8 +334,6 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         .map(|l| l.local_addr().expect("bound"))
         .collect();
     let admin_addr = admin_l.local_addr().expect("bound");
-    let (model_tx, model_rx) = watch::channel(Arc::new(model));
-    let mut tasks = vec![];
     let spans = match &cfg.otlp_endpoint {
         Some(e) => {
             let (exporter, task) =
@@ -308,38 +377,40 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         })?;
     tasks.push(tokio::spawn(admin::serve(admin_l, ctx.clone())));
     let watch_ctx = ctx.clone();
-    tasks.push(tokio::spawn(async move {
-        let (ns, name) = (watch_ctx.cfg.namespace.clone(), watch_ctx.cfg.name.clone());
-        mesh_core::model::watch::follow_mesh_file(
-            watch_ctx.cfg.mesh_file.clone(),
-            loaded,
-            watch_ctx.cfg.reload_interval,
-            model_tx,
-            |_, next| {
-                if next
-                    .gateways
-                    .iter()
-                    .any(|g| g.metadata.namespace == ns && g.metadata.name == name)
-                {
-                    Ok(())
-                } else {
-                    Err((
-                        "gateways".into(),
-                        format!("this waypoint {ns}/{name} is missing"),
-                    ))
-                }
-            },
-            |applied| {
-                let result = if applied { "applied" } else { "rejected" };
-                watch_ctx
-                    .metrics
-                    .config_updates
-                    .get_or_create(&ResultLabels { result })
-                    .inc();
-            },
-        )
-        .await
-    }));
+    if let Some(loaded) = loaded {
+        tasks.push(tokio::spawn(async move {
+            let (ns, name) = (watch_ctx.cfg.namespace.clone(), watch_ctx.cfg.name.clone());
+            mesh_core::model::watch::follow_mesh_file(
+                watch_ctx.cfg.mesh_file.clone(),
+                loaded,
+                watch_ctx.cfg.reload_interval,
+                model_tx,
+                |_, next| {
+                    if next
+                        .gateways
+                        .iter()
+                        .any(|g| g.metadata.namespace == ns && g.metadata.name == name)
+                    {
+                        Ok(())
+                    } else {
+                        Err((
+                            "gateways".into(),
+                            format!("this waypoint {ns}/{name} is missing"),
+                        ))
+                    }
+                },
+                |applied| {
+                    let result = if applied { "applied" } else { "rejected" };
+                    watch_ctx
+                        .metrics
+                        .config_updates
+                        .get_or_create(&ResultLabels { result })
+                        .inc();
+                },
+            )
+            .await
+        }));
+    }
     tracing::info!(waypoint = %format!("{}/{}", ctx.cfg.namespace, ctx.cfg.name), identity = %ctx.identity, addrs = ?hbone_addrs, "waypoint started");
     Ok(WaypointHandle {
         ctx,

@@ -23,9 +23,19 @@ struct Cli {
     /// This waypoint pod's workload name (in the Gateway's namespace).
     #[arg(long, env = "SLUICE_WORKLOAD")]
     workload: String,
-    /// The local mesh file.
-    #[arg(long, env = "SLUICE_MESH_FILE")]
-    mesh_file: PathBuf,
+    /// The local mesh file (the embedded default mode).
+    #[arg(long, env = "SLUICE_MESH_FILE", required_unless_present = "kube")]
+    mesh_file: Option<PathBuf>,
+    /// Watch the Kubernetes API server instead of a mesh file.
+    #[arg(long, env = "SLUICE_KUBE")]
+    kube: bool,
+    /// Kubeconfig for `--kube` (default: in-cluster, or $KUBECONFIG).
+    #[arg(long, env = "SLUICE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, env = "SLUICE_ROOT_NAMESPACE", default_value = "istio-system")]
+    root_namespace: String,
     #[arg(long, env = "SLUICE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
     /// Root CA certificate and key (PEM), shared with the node agents.
@@ -66,7 +76,19 @@ fn main() -> anyhow::Result<()> {
         .waypoint
         .split_once('/')
         .context("--waypoint must be namespace/name")?;
-    let mut cfg = WaypointConfig::new(namespace, name, &cli.workload, cli.mesh_file);
+    let mut cfg = WaypointConfig::new(
+        namespace,
+        name,
+        &cli.workload,
+        cli.mesh_file.unwrap_or_default(),
+    );
+    if cli.kube {
+        cfg.kube = Some(waypoint::KubeMode {
+            kubeconfig: cli.kubeconfig,
+            trust_domain: cli.trust_domain,
+            root_namespace: cli.root_namespace,
+        });
+    }
     cfg.reload_interval = cli.reload_interval;
     if let (Some(cert), Some(key)) = (cli.ca_cert, cli.ca_key) {
         cfg.ca = CaSource::Files {
