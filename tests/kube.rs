@@ -316,3 +316,135 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
     assert_eq!(c["securityContext"]["privileged"], false);
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
 }
+
+/// Agents and a waypoint, all in Kubernetes mode: an HTTPRoute created
+/// through the API routes real requests, and an edit to it takes effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_routes_by_httproutes_from_the_api() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    if !kube_available() {
+        return;
+    }
+    init_logs();
+    let api = tokio::task::spawn_blocking(KubeApi::start).await.unwrap();
+    let client = node_agent::kube_client(Some(&api.kubeconfig))
+        .await
+        .unwrap();
+    let block = ip_block();
+    let ipn = |h| ip(block, h);
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: web, labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}}}\n---\n{}---\n{}---\n{}---\n{}---\n{}",
+        pod("client", "web", "node-a", "app: client"),
+        pod("web-v1", "web", "node-b", "app: web, version: v1"),
+        pod("web-v2", "web", "node-b", "app: web, version: v2"),
+        pod("waypoint", "web", "node-a", "gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none"),
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: web}
+spec: {clusterIP: 10.96.0.60, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v2, namespace: web}
+spec: {selector: {app: web, version: v2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-v1, namespace: web}
+spec: {selector: {app: web, version: v1}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: web}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+"#
+    ));
+    let route = |header: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web, namespace: web}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n    - matches: [{{headers: [{{name: x-version, value: {header}}}]}}]\n      backendRefs: [{{name: web-v2, port: 80}}]\n    - backendRefs: [{{name: web-v1, port: 80}}]\n"
+        )
+    };
+    api.apply(&route("v2"));
+    for (name, h) in [
+        ("client", 1),
+        ("web-v1", 2),
+        ("web-v2", 3),
+        ("waypoint", 20),
+    ] {
+        set_ip(&client, "web", name, ipn(h)).await;
+    }
+    let _v1 = serve_http(
+        tokio::net::TcpListener::bind(SocketAddr::new(ipn(2), 8080))
+            .await
+            .unwrap(),
+        "v1",
+    );
+    let _v2 = serve_http(
+        tokio::net::TcpListener::bind(SocketAddr::new(ipn(3), 8080))
+            .await
+            .unwrap(),
+        "v2",
+    );
+
+    let dir = TempDir::new("kube-waypoint");
+    let redirects = Arc::new(ExplicitMappings::default());
+    let a = agent(&api, "node-a", &dir, redirects.clone()).await;
+    let _b = agent(&api, "node-b", &dir, Arc::new(ExplicitMappings::default())).await;
+    let mut cfg = waypoint::WaypointConfig::new("web", "waypoint", "waypoint", Default::default());
+    cfg.kube = Some(waypoint::KubeMode {
+        kubeconfig: Some(api.kubeconfig.clone()),
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    });
+    cfg.ca = CaSource::Files {
+        cert: dir.0.join("root.pem"),
+        key: dir.0.join("root-key.pem"),
+        generate: false,
+    };
+    cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
+    let _wp = tokio::time::timeout(T, waypoint::start(cfg))
+        .await
+        .unwrap()
+        .expect("waypoint starts");
+
+    let get = |hdr: Option<&'static str>| {
+        let (a, redirects) = (&a, redirects.clone());
+        async move {
+            let tcp = connect(a, &redirects, ipn(1), "10.96.0.60:80".parse().unwrap())
+                .await
+                .unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut req = http::Request::get("/").header("host", "web.web.svc.cluster.local");
+            if let Some(v) = hdr {
+                req = req.header("x-version", v);
+            }
+            let resp = send
+                .send_request(req.body(Full::new(bytes::Bytes::new())).unwrap())
+                .await
+                .unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body).trim().to_string()
+        }
+    };
+    assert_eq!(get(None).await, "v1 GET / -");
+    assert_eq!(get(Some("v2")).await, "v2 GET / -");
+    // Edit the route through the API: the waypoint follows.
+    api.apply(&route("canary"));
+    let mut followed = false;
+    for _ in 0..100 {
+        if get(Some("canary")).await == "v2 GET / -" {
+            followed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        followed,
+        "the waypoint did not pick up the edited HTTPRoute"
+    );
+    assert_eq!(get(Some("v2")).await, "v1 GET / -");
+}
