@@ -4,6 +4,10 @@
 //! duplicated), and a loop that rebuilds the model when any of them
 //! changes (debounced) and publishes it.
 //!
+//! A model equal to the last one is not published again; the model is also
+//! rebuilt every 10 s without events (pod network namespaces are looked up
+//! anew then).
+//!
 //! The first model is published only when every kind has been listed once:
 //! a model with pods but without their policies would let through what a
 //! policy denies. Custom resources whose CRD is not installed count as
@@ -222,7 +226,9 @@ pub async fn follow_cluster(
             _ = absent.notified() => {}
         }
     }
-    let publish = {
+    let mut last: Option<String> = None;
+    let mut last_problems: Vec<String> = vec![];
+    let mut publish = {
         let stores = stores.clone();
         let report = report.clone();
         move || {
@@ -232,19 +238,39 @@ pub async fn follow_cluster(
                 &root_namespace,
                 netns.as_ref(),
             );
-            if !t.problems.is_empty() {
+            // Events that change nothing the model holds (pod status
+            // heartbeats, resource versions) publish nothing: a new model
+            // makes every agent re-check its live connections.
+            // New problems are reported even when the model stays the same
+            // (a bad object left out changes nothing else).
+            if !t.problems.is_empty() && t.problems != last_problems {
                 report.problems(&t.problems);
             }
+            last_problems = t.problems;
+            let fingerprint = serde_json::to_string(&t.model).unwrap_or_default();
+            if last.as_deref() == Some(fingerprint.as_str()) {
+                return;
+            }
+            last = Some(fingerprint);
             report.applied(&t.model);
             tx.send_replace(Arc::new(t.model));
         }
     };
     publish();
     tasks.push(tokio::spawn(async move {
+        // Also rebuild now and then without an event: a pod's sandbox (and
+        // with it the network namespace found in /proc) can be recreated
+        // without any change to the pod object.
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
         loop {
-            changed.notified().await;
-            // Coalesce a burst of events into one rebuild.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::select! {
+                _ = changed.notified() => {
+                    // Coalesce a burst of events into one rebuild.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ = tick.tick() => {}
+            }
             publish();
         }
     }));
