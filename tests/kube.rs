@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::api::{Api, Patch, PatchParams};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use mesh_core::identity::caservice::RemoteCa;
 use node_agent::orig_dst::ExplicitMappings;
 use node_agent::{AgentConfig, AgentHandle, CaSource, KubeSource};
 use sluice_tests::kube::{kube_available, KubeApi};
@@ -22,7 +23,7 @@ const T: Duration = Duration::from_secs(30);
 async fn agent(
     api: &KubeApi,
     node: &str,
-    dir: &TempDir,
+    ca: CaSource,
     redirects: Arc<ExplicitMappings>,
 ) -> AgentHandle {
     let mut c = AgentConfig::new(node, Default::default());
@@ -32,11 +33,7 @@ async fn agent(
         root_namespace: "istio-system".into(),
         proc_root: "/proc".into(),
     });
-    c.ca = CaSource::Files {
-        cert: dir.0.join("root.pem"),
-        key: dir.0.join("root-key.pem"),
-        generate: true,
-    };
+    c.ca = ca;
     let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
     c.admin_addr = local;
     c.metrics_addr = local;
@@ -47,8 +44,125 @@ async fn agent(
         .expect("agent starts");
     tokio::time::timeout(T, a.wait_ready())
         .await
-        .expect("agent ready");
+        .expect("agent ready (its certificates issued)");
     a
+}
+
+/// The certificate service on the test cluster, as `deploy/` installs it:
+/// root in a Secret, published in a ConfigMap, callers authenticated by
+/// pod-bound service-account tokens through TokenReview.
+struct ClusterCa {
+    server: mesh_core::kube::ca::CaServer,
+    root: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl ClusterCa {
+    async fn start(api: &KubeApi, client: &::kube::Client, dir: &TempDir) -> ClusterCa {
+        api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: sluice-system}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sluice-agent, namespace: sluice-system}\n");
+        let cfg = mesh_core::kube::ca::CaServerConfig {
+            namespace: "sluice-system".into(),
+            trust_domain: "cluster.local".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            secret: "sluice-ca".into(),
+            root_configmap: "sluice-ca-root".into(),
+            dns_names: vec!["sluice-ca.sluice-system.svc".into()],
+            audiences: vec!["sluice-ca".into()],
+            node_agents: vec!["sluice-system/sluice-agent".into()],
+            max_ttl: Duration::from_secs(3600),
+        };
+        let server = mesh_core::kube::ca::start(client.clone(), &cfg)
+            .await
+            .expect("certificate service starts");
+        // Agents trust the root the service published, as a mounted
+        // ConfigMap would give it to them.
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), "sluice-system")
+            .get("sluice-ca-root")
+            .await
+            .expect("root published");
+        let pem = cm.data.unwrap()["root-cert.pem"].clone();
+        assert_eq!(pem, server.service.root_pem());
+        let root = dir.0.join("mesh-root.pem");
+        std::fs::write(&root, pem).unwrap();
+        ClusterCa {
+            server,
+            root,
+            dir: dir.0.clone(),
+        }
+    }
+
+    /// How a proxy reaches the service with `token`.
+    fn source(&self, token: &str, impersonate: bool) -> CaSource {
+        let file = self.dir.join(format!("token-{}", rand::random::<u64>()));
+        std::fs::write(&file, token).unwrap();
+        CaSource::Remote(RemoteCa {
+            address: self.server.addr.to_string(),
+            server_name: Some("sluice-ca.sluice-system.svc".into()),
+            root_cert: self.root.clone(),
+            token_file: Some(file),
+            impersonate,
+        })
+    }
+
+    /// A node agent's pod on `node` and the CA source its projected token
+    /// gives it.
+    async fn node_agent(&self, api: &KubeApi, client: &::kube::Client, node: &str) -> CaSource {
+        let name = format!("sluice-agent-{node}");
+        api.apply(&format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: sluice-system}}\nspec:\n  serviceAccountName: sluice-agent\n  hostNetwork: true\n  nodeName: {node}\n  containers: [{{name: agent, image: example/agent}}]\n"));
+        let token = token(
+            client,
+            "sluice-system",
+            "sluice-agent",
+            Some(&name),
+            "sluice-ca",
+        )
+        .await;
+        self.source(&token, true)
+    }
+}
+
+/// A service-account token with `audience`, bound to pod `pod` of the same
+/// namespace when given (what the kubelet projects into a pod).
+async fn token(
+    client: &::kube::Client,
+    ns: &str,
+    sa: &str,
+    pod: Option<&str>,
+    audience: &str,
+) -> String {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    let bound = match pod {
+        Some(name) => {
+            let p = Api::<Pod>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .unwrap();
+            Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: p.metadata.name,
+                uid: p.metadata.uid,
+            })
+        }
+        None => None,
+    };
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            bound_object_ref: bound,
+            expiration_seconds: Some(3600),
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &Default::default(), &req)
+        .await
+        .expect("token request")
+        .status
+        .expect("token issued")
+        .token
 }
 
 fn pod(name: &str, ns: &str, node: &str, labels: &str) -> String {
@@ -117,10 +231,22 @@ async fn agents_follow_the_cluster_through_changes_and_an_api_server_restart() {
     set_ip(&client, "shop", "server", s_ip).await;
     let _echo = echo_server(SocketAddr::new(s_ip, 8080)).await;
 
+    // Identities come from the cluster's certificate service.
     let dir = TempDir::new("kube-agents");
+    let ca = ClusterCa::start(&api, &client, &dir).await;
     let redirects = Arc::new(ExplicitMappings::default());
-    let a = agent(&api, "node-a", &dir, redirects.clone()).await;
-    let b = agent(&api, "node-b", &dir, Arc::new(ExplicitMappings::default())).await;
+    let src_a = ca.node_agent(&api, &client, "node-a").await;
+    let src_b = ca.node_agent(&api, &client, "node-b").await;
+    let a = agent(&api, "node-a", src_a, redirects.clone()).await;
+    let b = agent(&api, "node-b", src_b, Arc::new(ExplicitMappings::default())).await;
+    assert_eq!(
+        ca.server
+            .service
+            .issued
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "one certificate per local workload identity"
+    );
 
     // The model: both pods, the service with its named target port.
     let m = a.ctx.model();
@@ -252,27 +378,46 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
         &format!("{dir}/00-namespace.yaml"),
     ]);
     api.kubectl(&["apply", "--server-side", "--dry-run=server", "-f", dir]);
-    api.kubectl(&[
-        "apply",
-        "--server-side",
-        "-f",
-        &format!("{dir}/10-rbac.yaml"),
-    ]);
-    let can = |verb: &str, what: &str| {
+    for f in ["10-rbac.yaml", "15-ca.yaml"] {
+        api.kubectl(&["apply", "--server-side", "-f", &format!("{dir}/{f}")]);
+    }
+    let may = |who: &str, verb: &str, what: &str, ns: &str| {
         let out = std::process::Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(&api.kubeconfig)
-            .args([
-                "auth",
-                "can-i",
-                verb,
-                what,
-                "--as=system:serviceaccount:sluice-system:sluice-agent",
-            ])
+            .args(["auth", "can-i", verb, what, "-n", ns])
+            .arg(format!("--as=system:serviceaccount:sluice-system:{who}"))
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
+    let can = |verb: &str, what: &str| may("sluice-agent", verb, what, "default");
+    // The CA: token reviews and pod reads cluster-wide, the root only in
+    // its own namespace, nothing else.
+    for (verb, what, ns) in [
+        ("create", "tokenreviews.authentication.k8s.io", "default"),
+        ("list", "pods", "shop"),
+        ("get", "secrets", "sluice-system"),
+        ("create", "secrets", "sluice-system"),
+        ("patch", "configmaps", "sluice-system"),
+    ] {
+        assert!(
+            may("sluice-ca", verb, what, ns),
+            "the CA cannot {verb} {what} in {ns}"
+        );
+    }
+    for (verb, what, ns) in [
+        ("get", "secrets", "default"),
+        ("list", "secrets", "sluice-system"),
+        ("delete", "secrets", "sluice-system"),
+        ("create", "pods", "shop"),
+        ("create", "serviceaccounts/token", "shop"),
+    ] {
+        assert!(
+            !may("sluice-ca", verb, what, ns),
+            "the CA may {verb} {what} in {ns}: more than it needs"
+        );
+    }
     for what in [
         "pods",
         "services",
@@ -315,6 +460,29 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
     );
     assert_eq!(c["securityContext"]["privileged"], false);
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    // No key material on nodes: a projected token for the CA's audience
+    // and the published root, nothing from a Secret.
+    let volumes = pod["volumes"].as_array().unwrap();
+    assert!(
+        volumes.iter().all(|v| v.get("secret").is_none()),
+        "{volumes:?}"
+    );
+    let token = volumes
+        .iter()
+        .find_map(|v| v["projected"]["sources"][0].get("serviceAccountToken"))
+        .expect("a projected service-account token");
+    assert_eq!(token["audience"], "sluice-ca");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.iter()
+            .any(|a| a.starts_with("--ca-address=sluice-ca.sluice-system.svc:15012")),
+        "{args:?}"
+    );
 }
 
 /// Agents and a waypoint, all in Kubernetes mode: an HTTPRoute created
@@ -388,20 +556,24 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
     );
 
     let dir = TempDir::new("kube-waypoint");
+    let ca = ClusterCa::start(&api, &client, &dir).await;
     let redirects = Arc::new(ExplicitMappings::default());
-    let a = agent(&api, "node-a", &dir, redirects.clone()).await;
-    let _b = agent(&api, "node-b", &dir, Arc::new(ExplicitMappings::default())).await;
+    let src_a = ca.node_agent(&api, &client, "node-a").await;
+    let src_b = ca.node_agent(&api, &client, "node-b").await;
+    let a = agent(&api, "node-a", src_a, redirects.clone()).await;
+    let _b = agent(&api, "node-b", src_b, Arc::new(ExplicitMappings::default())).await;
     let mut cfg = waypoint::WaypointConfig::new("web", "waypoint", "waypoint", Default::default());
     cfg.kube = Some(waypoint::KubeMode {
         kubeconfig: Some(api.kubeconfig.clone()),
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
     });
-    cfg.ca = CaSource::Files {
-        cert: dir.0.join("root.pem"),
-        key: dir.0.join("root-key.pem"),
-        generate: false,
-    };
+    // The waypoint obtains its own identity with its own pod's token.
+    api.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: waypoint, namespace: web}\n");
+    cfg.ca = ca.source(
+        &token(&client, "web", "waypoint", Some("waypoint"), "sluice-ca").await,
+        false,
+    );
     cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
     let _wp = tokio::time::timeout(T, waypoint::start(cfg))
         .await
@@ -447,4 +619,124 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
         "the waypoint did not pick up the edited HTTPRoute"
     );
     assert_eq!(get(Some("v2")).await, "v1 GET / -");
+}
+
+/// The certificate service against the API server: a node agent obtains the
+/// identity of a pod on its own node and is refused one on another node;
+/// workloads get only their own identity; unbound, foreign-audience, forged
+/// and stale tokens are refused; the root survives a restart of the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_service_issues_identities_only_for_pods_on_the_callers_node() {
+    use mesh_core::identity::ca::new_key_and_csr;
+    use mesh_core::identity::{CertificateSigner, SpiffeId};
+    if !kube_available() {
+        return;
+    }
+    init_logs();
+    let api = tokio::task::spawn_blocking(KubeApi::start).await.unwrap();
+    let client = node_agent::kube_client(Some(&api.kubeconfig))
+        .await
+        .unwrap();
+    let dir = TempDir::new("kube-ca");
+    let ca = ClusterCa::start(&api, &client, &dir).await;
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: web, namespace: shop}}\n---\n{}",
+        pod("web", "shop", "node-a", "app: web")
+    ));
+    let at_a = ca.node_agent(&api, &client, "node-a").await;
+    let at_b = ca.node_agent(&api, &client, "node-b").await;
+    let web = SpiffeId::new("cluster.local", "shop", "web");
+    let ask = |src: CaSource, id: SpiffeId| async move {
+        let CaSource::Remote(r) = src else {
+            unreachable!()
+        };
+        let signer =
+            mesh_core::identity::caservice::RemoteSigner::new(r, Duration::from_secs(600)).unwrap();
+        let (_key, csr) = new_key_and_csr(&id).unwrap();
+        signer.sign(&id, csr).await.map_err(|e| e.to_string())
+    };
+
+    // The agent on web's node gets web's identity, chained to the root.
+    let chain = ask(at_a.clone(), web.clone())
+        .await
+        .expect("agent on node-a may");
+    assert_eq!(
+        mesh_core::identity::verify::spiffe_id_of(&chain[0]).unwrap(),
+        web
+    );
+    // The agent on another node is refused, and told why.
+    let e = ask(at_b.clone(), web.clone()).await.unwrap_err();
+    assert!(e.contains("status 7") && e.contains("node-b"), "{e}");
+    // Nor may it ask for an identity with no pod at all.
+    let ghost = SpiffeId::new("cluster.local", "shop", "ghost");
+    assert!(ask(at_a.clone(), ghost)
+        .await
+        .unwrap_err()
+        .contains("status 7"));
+
+    // A workload gets its own identity, and nobody else's.
+    let web_token = token(&client, "shop", "web", Some("web"), "sluice-ca").await;
+    assert!(ask(ca.source(&web_token, false), web.clone()).await.is_ok());
+    let db = SpiffeId::new("cluster.local", "shop", "db");
+    let e = ask(ca.source(&web_token, true), db).await.unwrap_err();
+    assert!(e.contains("not a node agent"), "{e}");
+
+    // Tokens that must not work: not bound to a pod, another audience,
+    // forged, absent.
+    let unbound = token(&client, "sluice-system", "sluice-agent", None, "sluice-ca").await;
+    let e = ask(ca.source(&unbound, true), web.clone())
+        .await
+        .unwrap_err();
+    assert!(e.contains("not bound to a pod"), "{e}");
+    let other_audience = token(
+        &client,
+        "sluice-system",
+        "sluice-agent",
+        Some("sluice-agent-node-a"),
+        "elsewhere",
+    )
+    .await;
+    let e = ask(ca.source(&other_audience, true), web.clone())
+        .await
+        .unwrap_err();
+    assert!(e.contains("status 16"), "{e}");
+    let e = ask(ca.source("not.a.token", true), web.clone())
+        .await
+        .unwrap_err();
+    assert!(e.contains("status 16"), "{e}");
+
+    // The agent's pod is deleted (forced: no kubelet confirms): its token
+    // dies with it.
+    api.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "sluice-system",
+        "sluice-agent-node-a",
+        "--grace-period=0",
+        "--force",
+    ]);
+    let mut refused = false;
+    for _ in 0..50 {
+        if let Err(e) = ask(at_a.clone(), web.clone()).await {
+            assert!(
+                e.contains("status 16") || e.contains("no longer exists"),
+                "{e}"
+            );
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "a token of a deleted pod still works");
+
+    // A restarted service keeps the root from its Secret.
+    let root = ca.server.service.root_pem().to_string();
+    drop(ca);
+    let dir2 = TempDir::new("kube-ca-again");
+    let again = ClusterCa::start(&api, &client, &dir2).await;
+    assert_eq!(again.server.service.root_pem(), root);
+    // A new agent pod on node-a is served again.
+    let at_a = again.node_agent(&api, &client, "node-a").await;
+    assert!(ask(at_a, web).await.is_ok());
 }

@@ -4,6 +4,7 @@
 //! two sources: the mesh file and a Kubernetes cluster.
 
 pub mod analyze;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod kube;

@@ -22,7 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use mesh_core::hbone::{HboneConnector, PoolStats};
-use mesh_core::identity::{CertificateAuthority, CertificateStore, LocalSigner, SpiffeId};
+use mesh_core::identity::{CertificateStore, SpiffeId};
 use mesh_core::model::{MeshModel, ModelError};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -203,11 +203,6 @@ impl Drop for AgentHandle {
     }
 }
 
-/// Build the certificate authority the config asks for.
-pub fn load_ca(source: &CaSource, trust_domain: &str) -> Result<CertificateAuthority, AgentError> {
-    Ok(source.load(trust_domain)?)
-}
-
 /// Start the agent: load the mesh file, set up certificates, bind the admin
 /// endpoints and the per-workload listeners, and watch the file for changes.
 pub async fn start(
@@ -257,13 +252,8 @@ pub async fn start(
         }
     };
     let model = model_rx.borrow().clone();
-    let ca = Arc::new(load_ca(&cfg.ca, &model.trust_domain)?);
-    let root = ca.root().clone();
-    let signer = Arc::new(LocalSigner {
-        ca,
-        ttl: cfg.cert_ttl,
-    });
-    let certs = CertificateStore::new(signer, vec![root], &model.trust_domain)?;
+    let (signer, roots) = cfg.ca.signer(&model.trust_domain, cfg.cert_ttl)?;
+    let certs = CertificateStore::new(signer, roots, &model.trust_domain)?;
     let connector = HboneConnector::new(certs.clone(), cfg.hbone.clone());
     let capture = match &cfg.capture {
         Some(c) => Some(Arc::new(capture::Capture::load(c.clone())?)),

@@ -1,6 +1,7 @@
 //! `sluice-agent`: the node agent binary. Parses flags/environment into an
 //! [`AgentConfig`], sets up logging, and runs until SIGINT/SIGTERM. Also
-//! `ca init` (create a root for local mode) and `check` (validate a mesh
+//! `ca init` (create a root for local mode), `ca serve` (the certificate
+//! service on a cluster) and `check` (validate a mesh
 //! file without running anything).
 
 use std::net::SocketAddr;
@@ -61,6 +62,44 @@ enum CaCommand {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Run the certificate service on a cluster (the CA Deployment): signs
+    /// workload certificates for callers authenticated by service-account
+    /// tokens; node agents only for pods on their own node.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "SLUICE_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// The CA's namespace: its root Secret and ConfigMap live there.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
+    namespace: String,
+    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Secret holding the root (`ca.crt`, `ca.key`); created if absent.
+    #[arg(long, default_value = "sluice-ca")]
+    secret: String,
+    /// ConfigMap the root certificate is published in (`root-cert.pem`).
+    #[arg(long, default_value = "sluice-ca-root")]
+    root_configmap: String,
+    /// DNS names of the service's TLS certificate (default:
+    /// `sluice-ca.<namespace>.svc` and its `.cluster.local` form).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
+    /// Audience callers' tokens must carry.
+    #[arg(long = "audience", default_value = "sluice-ca")]
+    audiences: Vec<String>,
+    /// Service accounts of node agents (`namespace/name`), which may
+    /// obtain identities of pods on their own node.
+    #[arg(long = "node-agent", default_value = "sluice-system/sluice-agent")]
+    node_agents: Vec<String>,
+    /// Longest certificate lifetime granted.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    max_cert_ttl: Duration,
+    /// Kubeconfig (default: in-cluster, or $KUBECONFIG).
+    #[arg(long, env = "SLUICE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -92,11 +131,18 @@ struct RunArgs {
     reload_interval: Duration,
     /// Root CA certificate (PEM). Without it an ephemeral root is used,
     /// which only this agent trusts.
-    #[arg(long, env = "SLUICE_CA_CERT", requires = "ca_key")]
+    #[arg(
+        long,
+        env = "SLUICE_CA_CERT",
+        requires = "ca_key",
+        conflicts_with = "ca_address"
+    )]
     ca_cert: Option<PathBuf>,
     /// Root CA key (PEM).
     #[arg(long, env = "SLUICE_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    #[command(flatten)]
+    remote_ca: mesh_core::identity::caservice::RemoteCaArgs,
     /// Create the root CA files if they do not exist.
     #[arg(long, env = "SLUICE_CA_GENERATE")]
     ca_generate: bool,
@@ -180,6 +226,9 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
+        Command::Ca {
+            command: CaCommand::Serve(a),
+        } => serve_ca(*a),
         Command::Check { mesh_file } => {
             let m = mesh_core::model::MeshModel::load(&mesh_file)?;
             println!(
@@ -208,8 +257,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         });
     }
     cfg.reload_interval = a.reload_interval;
-    cfg.ca = match (a.ca_cert, a.ca_key) {
-        (Some(cert), Some(key)) => CaSource::Files {
+    // The agent asks for each local workload's identity on its behalf.
+    cfg.ca = match (a.remote_ca.remote(true), a.ca_cert, a.ca_key) {
+        (Some(remote), _, _) => CaSource::Remote(remote),
+        (None, Some(cert), Some(key)) => CaSource::Files {
             cert,
             key,
             generate: a.ca_generate,
@@ -253,6 +304,44 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
         agent.shutdown();
+        Ok(())
+    })
+}
+
+fn serve_ca(a: ServeArgs) -> anyhow::Result<()> {
+    let dns_names = if a.dns_names.is_empty() {
+        vec![
+            format!("sluice-ca.{}.svc", a.namespace),
+            format!("sluice-ca.{}.svc.cluster.local", a.namespace),
+        ]
+    } else {
+        a.dns_names
+    };
+    let cfg = mesh_core::kube::ca::CaServerConfig {
+        namespace: a.namespace,
+        trust_domain: a.trust_domain,
+        listen: a.listen,
+        secret: a.secret,
+        root_configmap: a.root_configmap,
+        dns_names,
+        audiences: a.audiences,
+        node_agents: a.node_agents,
+        max_ttl: a.max_cert_ttl,
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        let client = mesh_core::kube::client(a.kubeconfig.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let server = mesh_core::kube::ca::start(client, &cfg)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(addr = %server.addr, "certificate service ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
         Ok(())
     })
 }

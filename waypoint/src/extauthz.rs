@@ -15,12 +15,11 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use mesh_core::model::gateway::{parse_duration, ExtensionProviderConfig};
 use mesh_core::model::MeshModel;
-use prost::Message;
 
 use crate::proxy::{send_once, ConnCtx};
 use crate::routes::Backend;
@@ -319,24 +318,9 @@ async fn check_http(
     }
 }
 
-/// gRPC length-prefixed message framing.
-fn grpc_frame(msg: &impl Message) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + msg.encoded_len());
-    b.put_u8(0);
-    b.put_u32(msg.encoded_len() as u32);
-    msg.encode(&mut b).expect("BytesMut grows");
-    b.freeze()
-}
-
-/// Decode the one message of a unary gRPC body.
-pub fn grpc_unframe<M: Message + Default>(body: &[u8]) -> Result<M, String> {
-    if body.len() < 5 || body[0] != 0 {
-        return Err("not an uncompressed gRPC message".into());
-    }
-    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    let msg = body.get(5..5 + len).ok_or("truncated gRPC message")?;
-    M::decode(msg).map_err(|e| format!("bad protobuf: {e}"))
-}
+/// Decode the one message of a unary gRPC body (re-exported for tests
+/// that play the authorization service).
+pub use mesh_core::grpc::unframe as grpc_unframe;
 
 async fn check_grpc(
     ctx: &std::sync::Arc<Ctx>,
@@ -401,7 +385,7 @@ async fn check_grpc(
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header("te", "trailers")
         .body(
-            Full::new(grpc_frame(&msg))
+            Full::new(mesh_core::grpc::frame(&msg))
                 .map_err(|never| match never {})
                 .boxed(),
         )

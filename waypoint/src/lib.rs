@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use mesh_core::hbone::{HboneConnector, HboneSettings, HBONE_PORT};
 use mesh_core::identity::ca::CaSource;
-use mesh_core::identity::{CertificateStore, LocalSigner, SpiffeId};
+use mesh_core::identity::{CertificateStore, SpiffeId};
 use mesh_core::model::{MeshModel, ModelError, Service};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -302,16 +302,8 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
             .map(|ip| SocketAddr::new(*ip, HBONE_PORT))
             .collect()
     });
-    let ca = Arc::new(cfg.ca.load(&model.trust_domain)?);
-    let root = ca.root().clone();
-    let certs = CertificateStore::new(
-        Arc::new(LocalSigner {
-            ca,
-            ttl: cfg.cert_ttl,
-        }),
-        vec![root],
-        &model.trust_domain,
-    )?;
+    let (signer, roots) = cfg.ca.signer(&model.trust_domain, cfg.cert_ttl)?;
+    let certs = CertificateStore::new(signer, roots, &model.trust_domain)?;
     let _ = certs.ensure(&identity);
     let connector = HboneConnector::new(certs.clone(), cfg.hbone.clone());
     let upstream = Upstream::new(connector, identity.clone());

@@ -39,10 +39,17 @@ struct Cli {
     #[arg(long, env = "SLUICE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
     /// Root CA certificate and key (PEM), shared with the node agents.
-    #[arg(long, env = "SLUICE_CA_CERT", requires = "ca_key")]
+    #[arg(
+        long,
+        env = "SLUICE_CA_CERT",
+        requires = "ca_key",
+        conflicts_with = "ca_address"
+    )]
     ca_cert: Option<PathBuf>,
     #[arg(long, env = "SLUICE_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    #[command(flatten)]
+    remote_ca: mesh_core::identity::caservice::RemoteCaArgs,
     /// HBONE listen addresses (default: the pod's IPs, port 15008).
     #[arg(long, env = "SLUICE_LISTEN", value_delimiter = ',')]
     listen: Vec<SocketAddr>,
@@ -90,7 +97,10 @@ fn main() -> anyhow::Result<()> {
         });
     }
     cfg.reload_interval = cli.reload_interval;
-    if let (Some(cert), Some(key)) = (cli.ca_cert, cli.ca_key) {
+    // A waypoint obtains its own identity (no impersonation).
+    if let Some(remote) = cli.remote_ca.remote(false) {
+        cfg.ca = CaSource::Remote(remote);
+    } else if let (Some(cert), Some(key)) = (cli.ca_cert, cli.ca_key) {
         cfg.ca = CaSource::Files {
             cert,
             key,

@@ -51,6 +51,10 @@ pub enum CaError {
     },
     #[error("signing failed: {0}")]
     Signing(#[from] rcgen::Error),
+    #[error("certificate service {address}: {reason}")]
+    Remote { address: String, reason: String },
+    #[error("a remote CA ({0}) holds no root key in this process")]
+    NoLocalRoot(String),
 }
 
 /// A root certificate and key that issue workload certificates.
@@ -181,6 +185,43 @@ impl CertificateAuthority {
         &self.root_pem
     }
 
+    /// The root key (PEM), for storing the root where the next start of the
+    /// CA finds it (a file or a Kubernetes Secret).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// A TLS server certificate and key for the CA's own service, naming
+    /// `dns_names` (clients verify it against the root they already trust).
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<
+        (
+            CertificateDer<'static>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        CaError,
+    > {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "sluice certificate service");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((cert.der().clone(), key_der))
+    }
+
     /// Sign a workload CSR for `identity`, valid from now for `ttl`. The
     /// identity is the caller's decision (it must have authorised it); the
     /// CSR contributes only its public key.
@@ -277,12 +318,16 @@ pub enum CaSource {
     /// A fresh in-memory root (single-agent use and tests only: peers of
     /// another process would not trust it).
     Ephemeral,
+    /// A certificate service reached over the network (Sluice's own CA
+    /// Deployment, or anything speaking Istio's certificate API).
+    Remote(super::caservice::RemoteCa),
 }
 
 impl CaSource {
     /// Build the certificate authority this source describes.
     pub fn load(&self, trust_domain: &str) -> Result<CertificateAuthority, CaError> {
         Ok(match self {
+            CaSource::Remote(r) => return Err(CaError::NoLocalRoot(r.address.clone())),
             CaSource::Ephemeral => CertificateAuthority::generate(trust_domain)?,
             CaSource::Files {
                 cert,
@@ -299,6 +344,33 @@ impl CaSource {
                 }
             }
         })
+    }
+
+    /// What a proxy needs from this source: something that signs its CSRs
+    /// (workload certificates living `ttl`), and the roots that peers'
+    /// certificates must chain to.
+    pub fn signer(
+        &self,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> Result<
+        (
+            std::sync::Arc<dyn super::CertificateSigner>,
+            Vec<CertificateDer<'static>>,
+        ),
+        CaError,
+    > {
+        if let CaSource::Remote(remote) = self {
+            let signer = super::caservice::RemoteSigner::new(remote.clone(), ttl)?;
+            let roots = signer.roots().to_vec();
+            return Ok((std::sync::Arc::new(signer), roots));
+        }
+        let ca = std::sync::Arc::new(self.load(trust_domain)?);
+        let root = ca.root().clone();
+        Ok((
+            std::sync::Arc::new(super::LocalSigner { ca, ttl }),
+            vec![root],
+        ))
     }
 }
 

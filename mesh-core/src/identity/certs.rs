@@ -143,7 +143,7 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem(label: &str, der: &[u8]) -> String {
     pem::encode_config(
         &pem::Pem::new(label, der.to_vec()),
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),

@@ -1,7 +1,9 @@
 //! Workload identity: SPIFFE IDs, the certificate authority, certificate
-//! verification for mutual TLS, and the agent's rotating certificate store.
+//! verification for mutual TLS, the agent's rotating certificate store, and the
+//! certificate service that issues certificates over the network.
 
 pub mod ca;
+pub mod caservice;
 pub mod certs;
 pub mod spiffe;
 pub mod verify;

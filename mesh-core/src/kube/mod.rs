@@ -1,7 +1,10 @@
 //! The mesh model from a Kubernetes cluster: [`translate`] turns objects
 //! into the model; [`watch`] keeps reflectors of every kind the model needs
-//! and publishes a new model when any of them changes.
+//! and publishes a new model when any of them changes; [`ca`] is the
+//! certificate service's Kubernetes side (TokenReview, node check, root
+//! Secret).
 
+pub mod ca;
 pub mod translate;
 pub mod watch;
 
