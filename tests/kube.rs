@@ -399,7 +399,8 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
         ("list", "pods", "shop"),
         ("get", "secrets", "sluice-system"),
         ("create", "secrets", "sluice-system"),
-        ("patch", "configmaps", "sluice-system"),
+        ("patch", "configmaps", "shop"),
+        ("watch", "namespaces", "default"),
     ] {
         assert!(
             may("sluice-ca", verb, what, ns),
@@ -534,12 +535,7 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
         )
     };
     api.apply(&route("v2"));
-    for (name, h) in [
-        ("client", 1),
-        ("web-v1", 2),
-        ("web-v2", 3),
-        ("waypoint", 20),
-    ] {
+    for (name, h) in [("client", 1), ("web-v1", 2), ("web-v2", 3)] {
         set_ip(&client, "web", name, ipn(h)).await;
     }
     let _v1 = serve_http(
@@ -575,8 +571,18 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
         false,
     );
     cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
-    let _wp = tokio::time::timeout(T, waypoint::start(cfg))
+    // The waypoint starts before the API shows its pod's address (as on a
+    // real node), waits for it, then serves.
+    let starting = tokio::spawn(waypoint::start(cfg));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !starting.is_finished(),
+        "the waypoint must wait for its address"
+    );
+    set_ip(&client, "web", "waypoint", ipn(20)).await;
+    let _wp = tokio::time::timeout(T, starting)
         .await
+        .unwrap()
         .unwrap()
         .expect("waypoint starts");
 
@@ -646,6 +652,20 @@ async fn the_certificate_service_issues_identities_only_for_pods_on_the_callers_
     let at_a = ca.node_agent(&api, &client, "node-a").await;
     let at_b = ca.node_agent(&api, &client, "node-b").await;
     let web = SpiffeId::new("cluster.local", "shop", "web");
+    // The root reaches a namespace created after the CA started.
+    let published = async {
+        let cms = Api::<ConfigMap>::namespaced(client.clone(), "shop");
+        loop {
+            if let Ok(Some(cm)) = cms.get_opt("sluice-ca-root").await {
+                return cm.data.unwrap()["root-cert.pem"].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let root_in_shop = tokio::time::timeout(T, published)
+        .await
+        .expect("root published into a new namespace");
+    assert_eq!(root_in_shop, ca.server.service.root_pem());
     let ask = |src: CaSource, id: SpiffeId| async move {
         let CaSource::Remote(r) = src else {
             unreachable!()

@@ -248,8 +248,13 @@ impl Drop for WaypointHandle {
     }
 }
 
-/// Start the waypoint: load the model, find itself in it, get its
-/// certificate, listen for HBONE and follow the mesh file.
+/// How long a waypoint on a cluster waits for its Gateway and its own pod
+/// address before giving up.
+const KUBE_START_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Start the waypoint: load the model (waiting on a cluster until it shows
+/// this waypoint), find itself in it, get its certificate, listen for HBONE
+/// and follow the model's source.
 pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError> {
     let mut registry = Registry::default();
     let metrics = WaypointMetrics::register(&mut registry);
@@ -280,6 +285,27 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
             None
         }
     };
+    // On a cluster the pod may start before the API shows its IP (or the
+    // Gateway): wait for both rather than exit and be restarted.
+    if cfg.kube.is_some() {
+        let mut rx = model_rx.clone();
+        let present = |m: &MeshModel| {
+            m.gateways.iter().any(|g| {
+                g.is_waypoint()
+                    && g.metadata.namespace == cfg.namespace
+                    && g.metadata.name == cfg.name
+                    && m.waypoint_workloads(g).any(|w| w.name == cfg.workload)
+            })
+        };
+        if !present(&rx.borrow()) {
+            tracing::info!(
+                gateway = %format!("{}/{}", cfg.namespace, cfg.name),
+                pod = %cfg.workload,
+                "waiting for the Gateway and this pod's address to appear in the API"
+            );
+        }
+        let _ = tokio::time::timeout(KUBE_START_WAIT, rx.wait_for(|m| present(m))).await;
+    }
     let model = model_rx.borrow().clone();
     let gw = model
         .gateways

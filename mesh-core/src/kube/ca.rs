@@ -8,8 +8,8 @@
 //! agent's own node — the node is that of the pod its projected token is
 //! bound to — so a compromised node cannot mint identities of workloads
 //! elsewhere. The root certificate and key live in a Secret (created on the
-//! first start); the root certificate is published in a ConfigMap that
-//! agents mount.
+//! first start); the root certificate is published in a ConfigMap in every
+//! namespace, which agents and waypoints mount.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -252,6 +252,35 @@ pub async fn publish_root(
     Ok(())
 }
 
+/// Keep the root ConfigMap in every namespace (as istiod does with
+/// `istio-ca-root-cert`), so waypoints and other callers anywhere can mount
+/// it: published when a namespace appears, re-published after a re-list.
+pub async fn publish_root_everywhere(client: kube::Client, name: String, root_pem: String) {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::runtime::{watcher, WatchStreamExt};
+    let namespaces = Api::<Namespace>::all(client.clone());
+    let mut events = std::pin::pin!(watcher(namespaces, watcher::Config::default())
+        .default_backoff()
+        .applied_objects());
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(ns) => {
+                let Some(ns_name) = ns.metadata.name else {
+                    continue;
+                };
+                if ns.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                if let Err(e) = publish_root(&client, &ns_name, &name, &root_pem).await {
+                    tracing::warn!("{e}");
+                }
+            }
+            Err(e) => tracing::warn!("watching namespaces to publish the root: {e}"),
+        }
+    }
+}
+
 /// How to run the certificate service on a cluster.
 #[derive(Debug, Clone)]
 pub struct CaServerConfig {
@@ -274,12 +303,14 @@ pub struct CaServerConfig {
 pub struct CaServer {
     pub addr: SocketAddr,
     pub service: Arc<CaService>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for CaServer {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -287,6 +318,11 @@ impl Drop for CaServer {
 pub async fn start(client: kube::Client, cfg: &CaServerConfig) -> Result<CaServer, String> {
     let ca = load_or_create_root(&client, &cfg.namespace, &cfg.secret, &cfg.trust_domain).await?;
     publish_root(&client, &cfg.namespace, &cfg.root_configmap, ca.root_pem()).await?;
+    let everywhere = tokio::spawn(publish_root_everywhere(
+        client.clone(),
+        cfg.root_configmap.clone(),
+        ca.root_pem().to_string(),
+    ));
     let authorizer = KubeAuthorizer::new(
         client,
         &cfg.trust_domain,
@@ -306,6 +342,6 @@ pub async fn start(client: kube::Client, cfg: &CaServerConfig) -> Result<CaServe
     Ok(CaServer {
         addr,
         service,
-        task,
+        tasks: vec![task, everywhere],
     })
 }
