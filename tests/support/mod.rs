@@ -5,6 +5,7 @@
 //! also when the test fails.
 
 pub mod kube;
+pub mod loadgen;
 pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

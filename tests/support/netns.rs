@@ -154,6 +154,8 @@ pub struct Topology {
     pub json_logs: bool,
     /// Other processes started in the topology (waypoints).
     children: Vec<Child>,
+    /// How often agents and waypoints poll the mesh file.
+    pub reload_interval: &'static str,
 }
 
 impl Topology {
@@ -170,6 +172,7 @@ impl Topology {
             veth: 0,
             json_logs: false,
             children: Vec::new(),
+            reload_interval: "200ms",
         }
     }
 
@@ -376,6 +379,36 @@ impl Topology {
         pod
     }
 
+    /// A pod that is only a namespace with its address on loopback: enough
+    /// for an agent to enroll it (scale measurements), not reachable from
+    /// other pods. Its `ip6` repeats `ip` (it has no IPv6 address).
+    pub fn add_bare_pod(&mut self, node: &str, name: &str, ip: IpAddr) -> Pod {
+        let ns = format!("sl{}-{name}", self.tag);
+        ip_cmd(&["netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        ip_cmd(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip_cmd(&["-n", &ns, "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        let pod = Pod {
+            name: name.to_string(),
+            ns,
+            ip,
+            ip6: ip,
+            node: node.to_string(),
+        };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// Process ID of the agent of `node` (CPU and memory accounting).
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.node(node).agent.as_ref().map(|c| c.id())
+    }
+
+    /// Process IDs of the waypoints started in this topology.
+    pub fn waypoint_pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.id()).collect()
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()
@@ -420,7 +453,7 @@ impl Topology {
                 .arg(ebpf_object())
                 .arg("--bpffs-dir")
                 .arg(self.pin_root.join(node))
-                .args(["--reload-interval", "200ms"])
+                .args(["--reload-interval", self.reload_interval])
                 .env("RUST_LOG", "info,sluice_ebpf=debug")
                 .env(
                     "SLUICE_LOG_FORMAT",
@@ -513,7 +546,7 @@ impl Topology {
             .arg(self.dir.0.join("root.pem"))
             .arg("--ca-key")
             .arg(self.dir.0.join("root-key.pem"))
-            .args(["--reload-interval", "200ms"])
+            .args(["--reload-interval", self.reload_interval])
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -8,6 +8,8 @@
 //! - `demo`: all of the above, then the local multi-node demo.
 //! - `kube-apiserver`: build the Kubernetes API server the Kubernetes tests
 //!   use (Debian's source package, once; cached outside the repository).
+//! - `bench`: the per-node cost benchmark (release build), report under
+//!   `target/bench/`.
 //! - `test`: all of the above, then formatting, lints and every test.
 
 use std::process::Command;
@@ -33,6 +35,13 @@ enum Task {
     /// Build (once, cached outside the repository) the Kubernetes API
     /// server the Kubernetes tests run against.
     KubeApiserver,
+    /// Measure what the mesh adds per node against no mesh (latency at a
+    /// fixed rate, cost, throughput, scale); report under target/bench.
+    /// Arguments go to the benchmark (`cargo xtask bench -- --help`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run formatting and lint checks and the whole test suite.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -120,6 +129,22 @@ fn main() -> Result<()> {
             ]))
         }
         Task::KubeApiserver => kube_apiserver(&root),
+        Task::Bench { args } => {
+            setup()?;
+            build_ebpf(&root)?;
+            run(cargo().args(["build", "--release", "-p", "node-agent", "-p", "waypoint"]))?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "sluice-tests",
+                    "--bin",
+                    "sluice-bench",
+                    "--",
+                ])
+                .args(&args))
+        }
         Task::Test { no_lint } => {
             setup()?;
             build_ebpf(&root)?;
