@@ -711,3 +711,61 @@ fn a_waypoint_routes_and_polices_real_http_clients_through_ebpf_capture() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `sluice-bench` (what `cargo xtask bench` runs) end to end with tiny
+/// durations: every scenario runs without errors and the report has every
+/// section. The numbers themselves are not judged here (debug build, a
+/// busy machine): that is the benchmark's job, not a test's.
+#[test]
+fn the_benchmark_runs_every_scenario_and_writes_its_report() {
+    if !e2e_available() {
+        return;
+    }
+    let out = sluice_tests::TempDir::new("bench");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args([
+            "--duration",
+            "1s",
+            "--repeats",
+            "1",
+            "--rate",
+            "200",
+            "--throughput-duration",
+            "1s",
+            "--idle-connections",
+            "200",
+            "--scale-pods",
+            "1,5",
+            "--out",
+        ])
+        .arg(&out.0)
+        .output()
+        .expect("sluice-bench runs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "sluice-bench failed:\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.0.join("report.json")).unwrap()).unwrap();
+    for path in ["direct", "l4", "l7"] {
+        let l = &report["latency_us"][path];
+        assert_eq!(l["errors"], 0, "{path}: {l}\n{stderr}");
+        assert!(l["p50"]["median"].as_f64().unwrap() > 0.0, "{path}: {l}");
+    }
+    for path in ["direct", "l4"] {
+        let t = &report["throughput"][path];
+        assert!(
+            t["single_stream_gbps"]["median"].as_f64().unwrap() > 0.0,
+            "{t}"
+        );
+        assert!(
+            t["new_connections_per_s"]["median"].as_f64().unwrap() > 0.0,
+            "{t}"
+        );
+    }
+    assert_eq!(report["idle_connections"]["opened"], 200);
+    assert_eq!(report["enrollment"]["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(report["targets"].as_array().unwrap().len(), 7);
+    let md = std::fs::read_to_string(out.0.join("report.md")).unwrap();
+    assert!(md.contains("## Added latency vs direct"), "{md}");
+    let svg = std::fs::read_to_string(out.0.join("latency.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("L4: agents + HBONE"));
+}

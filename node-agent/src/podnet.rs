@@ -29,6 +29,27 @@ fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
     Ok(s)
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT` (Linux 4.2+; not wrapped by socket2 0.5).
+fn bind_address_no_port(s: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl PodNet {
     fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         match self {
@@ -63,6 +84,12 @@ impl PodNet {
                 if target.is_ipv4() {
                     let src =
                         IpAddr::V4(Ipv4Addr::from(sluice_ebpf_common::AGENT_INBOUND_SOURCE_V4));
+                    // Pick the source port at connect(), unique per
+                    // destination, not at bind(), unique per source
+                    // address: otherwise every connection of the pod
+                    // (TIME_WAIT included) competes for one port range and
+                    // bind() slows down as it fills.
+                    bind_address_no_port(&s)?;
                     s.bind(&SocketAddr::new(src, 0).into())?;
                 }
             }

@@ -66,6 +66,9 @@ struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Internal: run as the idle connections' echo server.
+    #[arg(long, hide = true)]
+    echo_server_in: Option<String>,
 }
 
 const MESH_BASE: &str = r#"services:
@@ -134,24 +137,78 @@ fn with_topology<T>(f: impl FnOnce(&mut Topology) -> T) -> T {
     f(t)
 }
 
-fn raise_fd_limit() {
-    let want = libc::rlimit {
-        rlim_cur: 1 << 20,
-        rlim_max: 1 << 20,
+/// Open files: as many as allowed (agents and helpers inherit it).
+fn raise_fd_limit() -> u64 {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: plain syscall on a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
-        eprintln!("warning: could not raise the open-file limit; idle-connection scale may fail");
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur);
+        let want = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: 1 << 20,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return 1 << 20;
+        }
+        // Without CAP_SYS_RESOURCE: up to the hard limit.
+        cur.rlim_cur = cur.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &cur);
     }
+    cur.rlim_max
+}
+
+/// `--echo-server-in <netns>,<ip:port>`: this binary as a separate echo
+/// process, so the idle connections' two ends do not share one process's
+/// open-file limit.
+fn echo_server_process(spec: &str) -> ! {
+    let (ns, addr) = spec.split_once(',').expect("netns,ip:port");
+    let addr: SocketAddr = addr.parse().expect("ip:port");
+    let pod = sluice_tests::netns::Pod {
+        name: "echo".into(),
+        ns: ns.into(),
+        ip: addr.ip(),
+        ip6: addr.ip(),
+        node: String::new(),
+    };
+    loadgen::enter(&pod);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    })
 }
 
 fn main() {
     let args = Args::parse();
+    if let Some(spec) = &args.echo_server_in {
+        raise_fd_limit();
+        echo_server_process(spec);
+    }
     if !e2e_available() {
         eprintln!("the benchmark needs root, the agent binary and the eBPF object: run `cargo xtask bench` as root");
         std::process::exit(2);
     }
-    raise_fd_limit();
+    let fds = raise_fd_limit();
+    if (fds as usize) < args.idle_connections + 2000 {
+        eprintln!(
+            "note: open-file limit {fds} may cap the idle connections below {}",
+            args.idle_connections
+        );
+    }
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: cleaning up");
         drop(TOPOLOGY.lock().unwrap_or_else(|p| p.into_inner()).take());
@@ -171,6 +228,23 @@ fn main() {
     t.add_pod("node-b", "server", 1);
     t.add_pod("node-b", "plain-server", 2);
     write_atomic(&t.mesh_file(), &mesh_yaml(&t, &[]));
+    // Connection-rate runs close tens of thousands of connections: let new
+    // ones reuse ports still in TIME_WAIT, as load generators do.
+    for p in &t.pods {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &p.ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+            ])
+            .status();
+        if !out.is_ok_and(|s| s.success()) {
+            eprintln!("warning: tcp_tw_reuse not set in {}", p.ns);
+        }
+    }
     let server_stats = loadgen::serve_in(t.pod("server"), 8080, 9000, 9001);
     let plain_stats = loadgen::serve_in(t.pod("plain-server"), 8080, 9000, 9001);
     t.start_agent("node-a");
@@ -234,7 +308,8 @@ fn main() {
     // machine spreads over all of them.
     let mut latency: Vec<Vec<Vec<f64>>> = vec![vec![]; paths.len()]; // [path][run][quantile]
     let mut errors = vec![0u64; paths.len()];
-    let mut cost: Vec<Vec<(f64, f64)>> = vec![vec![]; paths.len() * pids.len()]; // (vCPU/1k, peak MB)
+    // (vCPU per 1000 req/s, peak RSS MB, private (anonymous) RSS MB)
+    let mut cost: Vec<Vec<(f64, f64, f64)>> = vec![vec![]; paths.len() * pids.len()];
     let mut median_runs: Vec<Option<LatencyRun>> = (0..paths.len()).map(|_| None).collect();
     for rep in 0..args.repeats {
         for (i, p) in paths.iter().enumerate() {
@@ -267,7 +342,8 @@ fn main() {
             for (j, (_, pid)) in pids.iter().enumerate() {
                 let vcpu = (loadgen::cpu_seconds(*pid) - cpu0[j]) / wall;
                 let peak_mb = loadgen::memory(*pid, "VmHWM") as f64 / 1e6;
-                cost[i * pids.len() + j].push((vcpu * 1000.0 / args.rate as f64, peak_mb));
+                let anon_mb = loadgen::memory(*pid, "RssAnon") as f64 / 1e6;
+                cost[i * pids.len() + j].push((vcpu * 1000.0 / args.rate as f64, peak_mb, anon_mb));
             }
             errors[i] += run.errors;
             latency[i].push(percentiles_us(&run));
@@ -320,8 +396,10 @@ fn main() {
             let c = &cost[i * pids.len() + j];
             let vcpu: Vec<f64> = c.iter().map(|x| x.0).collect();
             let mb: Vec<f64> = c.iter().map(|x| x.1).collect();
+            let anon: Vec<f64> = c.iter().map(|x| x.2).collect();
             cost_json.push(json!({"path": p.name, "component": who,
-                "vcpu_per_1000_rps": spread_json(&vcpu), "peak_rss_mb": spread_json(&mb)}));
+                "vcpu_per_1000_rps": spread_json(&vcpu), "peak_rss_mb": spread_json(&mb),
+                "anon_rss_mb": spread_json(&anon)}));
         }
     }
     report["cost"] = json!(cost_json);
@@ -448,13 +526,18 @@ fn idle_scale(args: &Args, pids: &[(&str, u32)], server_ip: IpAddr) -> Value {
         .iter()
         .map(|(_, p)| loadgen::memory(*p, "VmRSS"))
         .collect();
-    let client = with_topology(|t| t.pod("client").clone());
+    let (client, server_ns) =
+        with_topology(|t| (t.pod("client").clone(), t.pod("server").ns.clone()));
+    let echo = SocketAddr::new(server_ip, 9002);
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--echo-server-in")
+        .arg(format!("{server_ns},{echo}"))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("echo server process");
+    std::thread::sleep(Duration::from_millis(300));
     let t_open = Instant::now();
-    let (guard, opened) = loadgen::idle_connections(
-        &client,
-        SocketAddr::new(server_ip, 9001),
-        args.idle_connections,
-    );
+    let (guard, opened) = loadgen::idle_connections(&client, echo, args.idle_connections);
     let open_s = t_open.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(1));
     let cpu0: Vec<f64> = agents
@@ -476,6 +559,8 @@ fn idle_scale(args: &Args, pids: &[(&str, u32)], server_ip: IpAddr) -> Value {
         }));
     }
     drop(guard);
+    let _ = holder.kill();
+    let _ = holder.wait();
     json!({"requested": args.idle_connections, "opened": opened, "open_seconds": open_s, "agents": per_agent})
 }
 
@@ -654,20 +739,22 @@ fn markdown(r: &Value, paths: &[Path], qnames: &[&str]) -> String {
         }
         s.push_str(&format!(" {} |\n", l["errors"]));
     }
+    // The difference of two maxima is noise, not an added latency.
+    let added_q = &qnames[..qnames.len() - 1];
     s.push_str("\n## Added latency vs direct (µs)\n\n| path | ");
-    s.push_str(&qnames.join(" | "));
+    s.push_str(&added_q.join(" | "));
     s.push_str(" |\n|---|");
-    s.push_str(&"---|".repeat(qnames.len()));
+    s.push_str(&"---|".repeat(added_q.len()));
     s.push('\n');
     for p in &paths[1..] {
         let a = &r["added_latency_us"][p.name];
         s.push_str(&format!("| {} |", p.label));
-        for q in qnames {
+        for q in added_q {
             s.push_str(&format!(" {} |", fmt_spread(&runs(&a[*q]), 0)));
         }
         s.push('\n');
     }
-    s.push_str("\n## Cost during the fixed-rate runs\n\nvCPU per 1000 req/s = CPU seconds / wall seconds × 1000 / rate; peak RSS is the process's high-water mark within the run.\n\n| path | component | vCPU per 1000 req/s | peak RSS (MB) |\n|---|---|---|---|\n");
+    s.push_str("\n## Cost during the fixed-rate runs\n\nvCPU per 1000 req/s = CPU seconds / wall seconds × 1000 / rate; peak RSS is the process's high-water mark within the run (it counts the binary's code pages, shared between the agents); private is its anonymous memory (heap, stacks) at the end of the run.\n\n| path | component | vCPU per 1000 req/s | peak RSS (MB) | private (MB) |\n|---|---|---|---|---|\n");
     for row in r["cost"].as_array().into_iter().flatten() {
         let path = paths
             .iter()
@@ -675,10 +762,11 @@ fn markdown(r: &Value, paths: &[Path], qnames: &[&str]) -> String {
             .map(|p| p.label)
             .unwrap_or("?");
         s.push_str(&format!(
-            "| {path} | {} | {} | {} |\n",
+            "| {path} | {} | {} | {} | {} |\n",
             row["component"].as_str().unwrap_or("?"),
             fmt_spread(&runs(&row["vcpu_per_1000_rps"]), 3),
-            fmt_spread(&runs(&row["peak_rss_mb"]), 1)
+            fmt_spread(&runs(&row["peak_rss_mb"]), 1),
+            fmt_spread(&runs(&row["anon_rss_mb"]), 1)
         ));
     }
     if let Some(tp) = r.get("throughput") {
