@@ -177,9 +177,12 @@ fn main() -> Result<()> {
 }
 
 /// Debian packages the eBPF build and the namespace tests need (curl and
-/// h2load are the real HTTP clients of the waypoint tests).
+/// h2load are the real HTTP clients of the waypoint tests). `cargo-web` is
+/// only a "recommends" of `rustc-web`, so it must be named: the eBPF build
+/// runs Debian's own cargo.
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
+    "cargo-web",
     "rust-web-src",
     "llvm-22-dev",
     "libpolly-22-dev",
