@@ -46,6 +46,11 @@ pub struct AgentConfig {
     /// Time allowed for an inbound TLS handshake.
     pub handshake_timeout: Duration,
     pub hbone: HboneSettings,
+    /// Bounds on connections and handshakes held at once.
+    pub limits: crate::limits::ConnectionLimits,
+    /// How long a graceful shutdown (SIGTERM) lets established connections
+    /// finish before it cuts them.
+    pub drain_period: Duration,
     /// Watch a Kubernetes API server instead of reading `mesh_file`.
     pub kube: Option<KubeSource>,
 }
@@ -84,6 +89,8 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             hbone: HboneSettings::default(),
+            limits: Default::default(),
+            drain_period: Duration::from_secs(20),
             kube: None,
         }
     }

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::StatusCode;
 use mesh_core::hbone::splice::reset_tcp;
@@ -22,19 +21,14 @@ use crate::Ctx;
 
 /// Accept HBONE connections for one workload until aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    let local = listener.local_addr().ok();
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle_connection(tcp, peer, ctx).await });
-            }
-            Err(e) => {
-                tracing::warn!(listener = ?local, error = %e, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::limits::accept_loop(
+        listener,
+        ctx,
+        "inbound",
+        crate::limits::nothing,
+        handle_connection,
+    )
+    .await
 }
 
 async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
@@ -54,8 +48,16 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     let Ok(cert) = ctx.certs.get(&identity).await else {
         return;
     };
+    // Handshakes in progress are bounded apart from connections: they are
+    // what a peer that never finishes (slowloris) or a flood holds.
+    let Some(handshake) = ctx.limiter.handshake() else {
+        ctx.limiter.refused(&ctx, "inbound", "handshake_limit");
+        return reset_tcp(&tcp);
+    };
     let accept = tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(tcp);
-    let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, accept).await {
+    let tls = tokio::time::timeout(ctx.cfg.handshake_timeout, accept).await;
+    drop(handshake);
+    let tls = match tls {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(direction = "inbound", src = %peer, dst = %local, error = %e, "TLS handshake refused");
@@ -83,8 +85,26 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     };
     let settings = ctx.cfg.hbone.clone();
     let ctx2 = ctx.clone();
-    let result = server::serve_connection(tls, &settings, move |stream| {
-        handle_stream(stream, ctx2.clone(), peer, local, peer_id.clone())
+    let shutdown = ctx.shutdown_begun();
+    let result = server::serve_connection_until(tls, &settings, shutdown, move |stream| {
+        // Each tunnel is a connection of its own for the limits.
+        let slot = ctx2.limiter.connection();
+        let ctx = ctx2.clone();
+        let peer_id = peer_id.clone();
+        async move {
+            // A drain refuses tunnels opened after it began (before the
+            // client saw the GOAWAY); established ones run on.
+            if ctx.is_shutting_down() {
+                ctx.metrics.refuse("inbound", "draining");
+                return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            let Some(slot) = slot else {
+                ctx.limiter.refused(&ctx, "inbound", "connection_limit");
+                return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
+            };
+            handle_stream(stream, ctx, peer, local, peer_id).await;
+            drop(slot);
+        }
     })
     .await;
     if let Err(e) = result {
@@ -238,18 +258,14 @@ async fn handle_stream(
 /// destination. Istio's default (PERMISSIVE) accepts them; the peer has no
 /// verified identity.
 pub async fn serve_plaintext(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle_plaintext(tcp, peer, ctx).await });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "inbound plaintext accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::limits::accept_loop(
+        listener,
+        ctx,
+        "inbound",
+        crate::limits::nothing,
+        handle_plaintext,
+    )
+    .await
 }
 
 async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {

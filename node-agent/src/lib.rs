@@ -11,6 +11,7 @@ pub mod authz;
 pub mod capture;
 pub mod config;
 pub mod inbound;
+pub mod limits;
 pub mod orig_dst;
 pub mod outbound;
 pub mod podnet;
@@ -77,6 +78,11 @@ pub struct Ctx {
     /// deadline, so connections redirected just before un-enrollment are
     /// still served (and a quick re-enrollment reuses them).
     draining: Mutex<HashMap<(String, String), (LocalWorkload, std::time::Instant)>>,
+    /// Connection and handshake slots (see [`limits`]).
+    pub limiter: limits::Limiter,
+    /// Set when the agent drains for shutdown: HBONE connections send a
+    /// GOAWAY and readiness turns false.
+    shutting_down: watch::Sender<bool>,
 }
 
 impl Ctx {
@@ -113,6 +119,9 @@ impl Ctx {
     /// Ready when the listeners of every local workload are up and every
     /// local identity has a certificate.
     pub fn is_ready(&self) -> bool {
+        if self.is_shutting_down() {
+            return false;
+        }
         let model = self.model();
         let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let want = model
@@ -120,6 +129,21 @@ impl Ctx {
             .filter(|w| model.is_enrolled(w))
             .count();
         want == local.len() && self.certs.all_ready()
+    }
+}
+
+impl Ctx {
+    /// True once a graceful shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    /// Completes when a graceful shutdown begins.
+    pub fn shutdown_begun(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutting_down.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 }
 
@@ -163,8 +187,8 @@ pub struct AgentHandle {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
-    admin: Option<admin::AdminServer>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    admin: Mutex<Option<admin::AdminServer>>,
 }
 
 impl AgentHandle {
@@ -181,17 +205,52 @@ impl AgentHandle {
 
     /// Stop accepting and drop all listeners; established connections end
     /// with the runtime.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         self.stop();
     }
 
-    fn stop(&mut self) {
-        for t in self.tasks.drain(..) {
+    /// Graceful shutdown: readiness turns false, every listener closes (with
+    /// eBPF capture still in place, so new connections of enrolled pods
+    /// fail closed rather than bypass the mesh), HBONE peers get a GOAWAY,
+    /// and established connections run on until they end or `period` is
+    /// over. Returns how many were still open at the deadline (and are cut
+    /// when the caller exits).
+    pub async fn drain(&self, period: std::time::Duration) -> usize {
+        let started = std::time::Instant::now();
+        self.ctx.shutting_down.send_replace(true);
+        // Model followers first, so nothing re-creates listeners.
+        for t in lock(&self.tasks).drain(..) {
             t.abort();
         }
         lock(&self.ctx.local).clear();
         lock(&self.ctx.draining).clear();
-        if let Some(a) = self.admin.take() {
+        let open = self.ctx.limiter.active();
+        tracing::info!(
+            open,
+            period_ms = period.as_millis() as u64,
+            "draining: listeners closed, waiting for established connections"
+        );
+        let deadline = tokio::time::Instant::now() + period;
+        while self.ctx.limiter.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let left = self.ctx.limiter.active();
+        tracing::info!(
+            left,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drain over"
+        );
+        self.stop();
+        left
+    }
+
+    fn stop(&self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+        lock(&self.ctx.local).clear();
+        lock(&self.ctx.draining).clear();
+        if let Some(a) = lock(&self.admin).take() {
             a.stop();
         }
     }
@@ -283,6 +342,7 @@ pub async fn start(
         local_addr(&ready_l),
     );
 
+    let cfg_limits = cfg.limits;
     let ctx = Arc::new(Ctx {
         cfg,
         model: model_rx,
@@ -295,6 +355,8 @@ pub async fn start(
         local: Mutex::new(HashMap::new()),
         draining: Mutex::new(HashMap::new()),
         live: authz::LiveConnections::default(),
+        limiter: limits::Limiter::new(cfg_limits),
+        shutting_down: watch::channel(false).0,
     });
     let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l);
     reconcile(&ctx).await;
@@ -321,8 +383,8 @@ pub async fn start(
         admin_addr,
         metrics_addr,
         readiness_addr,
-        tasks,
-        admin: Some(admin),
+        tasks: Mutex::new(tasks),
+        admin: Mutex::new(Some(admin)),
     })
 }
 

@@ -159,6 +159,16 @@ struct RunArgs {
     metrics_addr: SocketAddr,
     #[arg(long, env = "SLUICE_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
+    /// Connections and tunnels served at once; excess is refused (reset).
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 50_000)]
+    max_connections: usize,
+    /// Inbound TLS handshakes in progress at once; excess is refused.
+    #[arg(long, env = "SLUICE_MAX_PENDING_HANDSHAKES", default_value_t = 1_024)]
+    max_pending_handshakes: usize,
+    /// On SIGTERM, how long established connections may run on before the
+    /// agent exits (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "SLUICE_DRAIN_PERIOD", default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_period: Duration,
     /// How pods' traffic is captured: `ebpf` loads the capture programs;
     /// `none` only serves (for tests and loopback demos).
     #[arg(long, env = "SLUICE_CAPTURE", value_enum, default_value_t = Capture::None)]
@@ -273,6 +283,11 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     cfg.admin_addr = a.admin_addr;
     cfg.metrics_addr = a.metrics_addr;
     cfg.readiness_addr = a.readiness_addr;
+    cfg.limits = node_agent::limits::ConnectionLimits {
+        max_connections: a.max_connections,
+        max_pending_handshakes: a.max_pending_handshakes,
+    };
+    cfg.drain_period = a.drain_period;
     if a.capture == Capture::Ebpf {
         cfg.capture = Some(node_agent::capture::CaptureConfig {
             object: a.ebpf_object,
@@ -302,8 +317,17 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down");
-        agent.shutdown();
+        // Drain; a second signal cuts the drain short.
+        let period = agent.ctx.cfg.drain_period;
+        tokio::select! {
+            left = agent.drain(period) => {
+                if left > 0 {
+                    tracing::warn!(left, "drain period over; cutting the remaining connections");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => tracing::warn!("second signal: exiting without draining"),
+            _ = term.recv() => tracing::warn!("second signal: exiting without draining"),
+        }
         Ok(())
     })
 }

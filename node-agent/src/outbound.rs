@@ -7,7 +7,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 use mesh_core::hbone::splice::reset_tcp;
@@ -22,19 +21,14 @@ use crate::Ctx;
 /// Accept captured connections of the workload with IP `src_ip` until
 /// aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, src_ip: IpAddr) {
-    let local = listener.local_addr().ok();
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle(tcp, peer, ctx, src_ip).await });
-            }
-            Err(e) => {
-                tracing::warn!(listener = ?local, error = %e, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    // A refused connection's capture record is taken, not left behind.
+    let forget = |ctx: &Ctx, tcp: &TcpStream| {
+        let _ = ctx.orig_dst.take(tcp);
+    };
+    crate::limits::accept_loop(listener, ctx, "outbound", forget, move |tcp, peer, ctx| {
+        handle(tcp, peer, ctx, src_ip)
+    })
+    .await
 }
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr) {

@@ -66,6 +66,23 @@ where
     F: Fn(InboundStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    serve_connection_until(io, settings, std::future::pending(), on_stream).await
+}
+
+/// [`serve_connection`] that drains when `shutdown` completes: the client
+/// gets a GOAWAY (so its pool opens new streams elsewhere), streams already
+/// open run to their end, and then the connection closes.
+pub async fn serve_connection_until<IO, F, Fut>(
+    io: IO,
+    settings: &HboneSettings,
+    shutdown: impl Future<Output = ()>,
+    on_stream: F,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(InboundStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut conn = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
@@ -74,7 +91,22 @@ where
         .max_header_list_size(settings.max_header_list_size)
         .handshake(io)
         .await?;
-    while let Some(next) = conn.accept().await {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut draining = false;
+    loop {
+        let next = if draining {
+            conn.accept().await
+        } else {
+            tokio::select! {
+                next = conn.accept() => next,
+                _ = &mut shutdown => {
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+            }
+        };
+        let Some(next) = next else { break };
         let (request, mut respond) = next?;
         let bad = |respond: &mut SendResponse<Bytes>| {
             let resp = Response::builder()
