@@ -56,6 +56,8 @@ pub struct AgentMetrics {
     /// Expiry time of each identity's current certificate (Unix seconds).
     pub cert_expiry: Family<IdentityLabels, Gauge>,
     pub cert_rotations: Gauge,
+    pub cert_request_failures: Gauge,
+    pub certs_overdue: Gauge,
     pub pool_connections: Gauge,
     pub pool_streams: Gauge,
     pub active_connections: Gauge,
@@ -135,6 +137,8 @@ impl AgentMetrics {
             enrolled_workloads: Gauge::default(),
             cert_expiry: Family::default(),
             cert_rotations: Gauge::default(),
+            cert_request_failures: Gauge::default(),
+            certs_overdue: Gauge::default(),
             pool_connections: Gauge::default(),
             pool_streams: Gauge::default(),
             active_connections: Gauge::default(),
@@ -176,6 +180,16 @@ impl AgentMetrics {
             "certificate_rotations",
             "Certificates replaced by rotation since start",
             m.cert_rotations.clone(),
+        );
+        r.register(
+            "certificate_request_failures",
+            "Certificate requests to the CA that failed since start",
+            m.cert_request_failures.clone(),
+        );
+        r.register(
+            "certificates_overdue",
+            "Identities whose certificate is past its renewal point because the CA did not renew it (alert when above 0; they work until expiry)",
+            m.certs_overdue.clone(),
         );
         r.register(
             "hbone_pool_connections",
@@ -306,6 +320,9 @@ pub fn refresh_gauges(ctx: &crate::Ctx) {
     m.pool_connections.set(pool.connections as i64);
     m.pool_streams.set(pool.active_streams as i64);
     m.cert_rotations.set(ctx.certs.rotations() as i64);
+    m.cert_request_failures
+        .set(ctx.certs.request_failures() as i64);
+    m.certs_overdue.set(ctx.certs.overdue() as i64);
     if let Some(c) = &ctx.capture {
         for (map, n) in c.map_fill() {
             m.ebpf_map_entries

@@ -27,6 +27,8 @@ use super::SpiffeId;
 pub const REFRESH_FRACTION: f64 = 0.4;
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How late a renewal may be before the certificate counts as overdue.
+const OVERDUE_GRACE: Duration = Duration::from_secs(1);
 
 /// Boxed future returned by [`CertificateSigner::sign`].
 pub type SignFuture<'a> =
@@ -173,6 +175,8 @@ pub struct CertificateStore {
     trust_domain: String,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
     rotations: AtomicU64,
+    /// Certificate requests that failed (CA unreachable or refusing).
+    failures: AtomicU64,
 }
 
 impl CertificateStore {
@@ -193,6 +197,7 @@ impl CertificateStore {
             trust_domain: trust_domain.to_string(),
             entries: Mutex::new(HashMap::new()),
             rotations: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         }))
     }
 
@@ -278,6 +283,24 @@ impl CertificateStore {
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
+    }
+
+    /// Certificate requests that failed since start.
+    pub fn request_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Identities whose certificate is past its refresh point without a
+    /// replacement — the CA has been failing; connections go on with the
+    /// old certificate until it expires. Operators alert on this.
+    pub fn overdue(&self) -> usize {
+        let now = SystemTime::now();
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .values()
+            .filter_map(|e| e.tx.borrow().clone())
+            .filter(|c| c.refresh_at() + OVERDUE_GRACE < now)
+            .count()
     }
 
     /// How many certificates were replaced by rotation since start.
@@ -366,6 +389,7 @@ async fn maintain(
                 tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
             }
             Err(e) => {
+                s.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(identity = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "certificate request failed");
                 drop(s);
                 tokio::time::sleep(backoff).await;
@@ -442,6 +466,53 @@ mod tests {
         ) -> SignFuture<'a> {
             Box::pin(async { Err(CaError::BadCsr("CA unreachable".into())) })
         }
+    }
+
+    /// Signs the first request, then fails like an unreachable CA.
+    struct CaGoesAway {
+        ca: LocalSigner,
+        calls: AtomicU64,
+    }
+    impl CertificateSigner for CaGoesAway {
+        fn sign<'a>(
+            &'a self,
+            id: &'a SpiffeId,
+            csr: CertificateSigningRequestDer<'static>,
+        ) -> SignFuture<'a> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.ca.sign(id, csr)
+            } else {
+                FailingSigner.sign(id, csr)
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_leaves_the_certificate_in_use_and_flags_it_overdue() {
+        let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
+        let root = ca.root().clone();
+        let signer = CaGoesAway {
+            ca: LocalSigner {
+                ca,
+                ttl: Duration::from_secs(3),
+            },
+            calls: AtomicU64::new(0),
+        };
+        let store = CertificateStore::new(Arc::new(signer), vec![root], "cluster.local").unwrap();
+        let id = SpiffeId::new("cluster.local", "ns", "sa");
+        let first = store.get(&id).await.unwrap();
+        assert_eq!(store.overdue(), 0);
+        // Past the refresh point (40 % of 3 s) plus the grace, renewal has
+        // failed: the certificate is overdue but still served.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while store.overdue() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(store.overdue(), 1);
+        assert!(store.request_failures() >= 1);
+        let current = store.current(&id).unwrap();
+        assert_eq!(current.serial, first.serial);
+        assert!(store.all_ready());
     }
 
     #[tokio::test]
