@@ -314,6 +314,82 @@ fn agent_down_fails_closed_and_a_restart_recovers_without_stale_state() {
 }
 
 #[test]
+fn sigterm_drains_established_tunnels_and_a_killed_destination_agent_resets_them() {
+    use std::io::{Read, Write};
+    if !e2e_available() {
+        return;
+    }
+    let mut t = cluster();
+    let client = t.pod("client").clone();
+    let server = addr(&t, "server", 8080);
+    let open = || {
+        in_ns(&client.ns, move || {
+            let s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+            // A hang shows as a timeout error, told apart below.
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("connect")
+    };
+    let ping = |s: &mut std::net::TcpStream, m: &[u8]| -> std::io::Result<()> {
+        s.write_all(m)?;
+        let mut back = vec![0; m.len()];
+        s.read_exact(&mut back)?;
+        assert_eq!(back, m);
+        Ok(())
+    };
+
+    // SIGTERM: the destination agent drains. The established tunnel goes
+    // on; a new connection fails (closed, never around the mesh); when the
+    // last tunnel ends the agent exits by itself.
+    let mut live = open();
+    ping(&mut live, b"before").unwrap();
+    t.terminate_agent("node-b");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !t.agent_log("node-b").contains("draining") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        t.agent_log("node-b").contains("draining"),
+        "{}",
+        t.agent_log("node-b")
+    );
+    ping(&mut live, b"during the drain").unwrap();
+    let sniff = Sniffer::start(&t.node("node-a").ns, MARKER);
+    assert!(exchange(&client, server, payload()).is_err());
+    assert!(!sniff.finish(), "plaintext left the pod during the drain");
+    live.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).unwrap();
+    let status = t
+        .wait_agent_exit("node-b", Duration::from_secs(15))
+        .expect("the agent exits once its last connection is done");
+    assert!(status.success(), "{status}");
+    assert!(t.agent_log("node-b").contains("drain over"));
+
+    // Restarted, then killed mid-stream: the client sees its connection
+    // end (reset), not a hang.
+    t.start_agent("node-b");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while exchange(&client, server, b"up".to_vec()).ok().as_deref() != Some(b"up")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut live = open();
+    ping(&mut live, b"before").unwrap();
+    t.kill_agent("node-b");
+    let e = ping(&mut live, b"after the kill").expect_err("the tunnel outlived its agent");
+    assert!(
+        !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "the client hung instead of seeing a reset: {e}"
+    );
+}
+
+#[test]
 fn ipv6_traffic_is_captured_and_tunnelled_too() {
     if !e2e_available() {
         return;

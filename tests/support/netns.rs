@@ -490,6 +490,36 @@ impl Topology {
         }
     }
 
+    /// Send SIGTERM to the agent of `node` (it drains, then exits).
+    pub fn terminate_agent(&self, node: &str) {
+        let pid = self.agent_pid(node).expect("agent running");
+        // SAFETY: kill(2) on a child process this topology started.
+        let r = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(r, 0, "SIGTERM to {pid}");
+    }
+
+    /// Wait up to `limit` for the agent of `node` to exit by itself; its
+    /// exit status, or `None` if it is still running.
+    pub fn wait_agent_exit(
+        &mut self,
+        node: &str,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let idx = self.nodes.iter().position(|n| n.name == node).unwrap();
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let child = self.nodes[idx].agent.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.nodes[idx].agent = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn agent_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.log_file(node)).unwrap_or_default()
     }
