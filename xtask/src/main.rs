@@ -10,7 +10,11 @@
 //!   use (Debian's source package, once; cached outside the repository).
 //! - `bench`: the per-node cost benchmark (release build), report under
 //!   `target/bench/`.
-//! - `test`: all of the above, then formatting, lints and every test.
+//! - `soak`: a long run under load whose proxies' memory must stay flat.
+//! - `fuzz`: every fuzz target in `mesh-core/fuzz` for a fixed time each
+//!   (nightly toolchain and cargo-fuzz; not part of `test`).
+//! - `test`: all of the above but `fuzz`, then formatting, lints and every
+//!   test.
 
 use std::process::Command;
 
@@ -41,6 +45,24 @@ enum Task {
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Soak: L4 and L7 traffic with connection churn for a long run (10
+    /// minutes by default); fails when a proxy's memory keeps growing or
+    /// requests fail. Report: target/bench/soak.md.
+    Soak {
+        #[arg(long, default_value = "10m")]
+        duration: String,
+    },
+    /// Run the fuzz targets (all, or those named) for a fixed time each
+    /// with their seed corpus; a crash stops the run and is kept under
+    /// mesh-core/fuzz/artifacts. Needs the nightly toolchain; installs
+    /// cargo-fuzz if missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
     /// Run formatting and lint checks and the whole test suite.
     Test {
@@ -129,6 +151,23 @@ fn main() -> Result<()> {
             ]))
         }
         Task::KubeApiserver => kube_apiserver(&root),
+        Task::Soak { duration } => {
+            setup()?;
+            build_ebpf(&root)?;
+            run(cargo().args(["build", "--release", "-p", "node-agent", "-p", "waypoint"]))?;
+            run(cargo().args([
+                "run",
+                "--release",
+                "-p",
+                "sluice-tests",
+                "--bin",
+                "sluice-bench",
+                "--",
+                "--soak",
+                &duration,
+            ]))
+        }
+        Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Task::Bench { args } => {
             setup()?;
             build_ebpf(&root)?;
@@ -241,6 +280,69 @@ fn setup() -> Result<()> {
             ])
             .env("PATH", path)
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+/// The fuzz targets of `mesh-core/fuzz` (one per parser or decoder that
+/// takes outside input).
+const FUZZ_TARGETS: &[&str] = &[
+    "mesh_file",
+    "kube_objects",
+    "hbone_server",
+    "identity",
+    "ca_request",
+    "orig_dst",
+    "waypoint_routes",
+];
+
+fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> {
+    for t in targets {
+        if !FUZZ_TARGETS.contains(&t.as_str()) {
+            bail!(
+                "unknown fuzz target {t:?}; targets: {}",
+                FUZZ_TARGETS.join(", ")
+            );
+        }
+    }
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !nightly {
+        bail!("cargo fuzz needs a nightly toolchain (`rustup toolchain install nightly`)");
+    }
+    if !cargo_bin_dir().join("cargo-fuzz").exists() {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let chosen: Vec<&str> = if targets.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    for t in chosen {
+        // New inputs go to a scratch corpus; the seeds in the repository
+        // are only read.
+        let scratch = root.join("target/fuzz-corpus").join(t);
+        std::fs::create_dir_all(&scratch)?;
+        let seeds = root.join("mesh-core/fuzz/corpus").join(t);
+        let mut cmd = Command::new("rustup");
+        cmd.current_dir(root.join("mesh-core"))
+            .args(["run", "nightly", "cargo", "fuzz", "run", t])
+            .arg(&scratch)
+            .arg(&seeds)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=4096",
+                "-timeout=10",
+            ]);
+        for var in ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "RUSTC_WRAPPER"] {
+            cmd.env_remove(var);
+        }
+        run(&mut cmd)?;
+        eprintln!("xtask: fuzz target {t}: clean for {seconds} s");
     }
     Ok(())
 }

@@ -115,6 +115,11 @@ pub fn ip_key(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The address an original-destination record of the eBPF programs names.
+pub fn decode_orig_dst(rec: &OrigDst) -> SocketAddr {
+    SocketAddr::new(ip_from_key(rec.ip), rec.port)
+}
+
 fn ip_from_key(b: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(b);
     match v6.to_ipv4_mapped() {
@@ -359,7 +364,7 @@ impl OriginalDestination for Capture {
         let mut m = lock(&self.maps);
         let orig = m.orig.get(&key, 0).ok()?;
         let _ = m.orig.remove(&key);
-        Some(SocketAddr::new(ip_from_key(orig.ip), orig.port))
+        Some(decode_orig_dst(&orig))
     }
 }
 
