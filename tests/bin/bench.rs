@@ -63,6 +63,12 @@ struct Args {
     /// Skip throughput and scale (latency and cost only).
     #[arg(long)]
     latency_only: bool,
+    /// Instead of the benchmark, a soak: L4 and L7 traffic at `--rate`
+    /// plus connection churn for this long, sampling each proxy's memory
+    /// every 10 s; fails when memory keeps growing or requests fail
+    /// (`cargo xtask soak`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
     /// Where the report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -304,6 +310,18 @@ fn main() {
         }
     }
 
+    if let Some(length) = args.soak {
+        let flat = soak(
+            &args,
+            length,
+            &paths,
+            &pids,
+            SocketAddr::new(server_ip, 9001),
+        );
+        drop(TOPOLOGY.lock().unwrap_or_else(|p| p.into_inner()).take());
+        std::process::exit(if flat { 0 } else { 1 });
+    }
+
     // Fixed rate: scenarios interleaved per repeat, so slow drift of the
     // machine spreads over all of them.
     let mut latency: Vec<Vec<Vec<f64>>> = vec![vec![]; paths.len()]; // [path][run][quantile]
@@ -466,6 +484,124 @@ fn main() {
 
 /// The mesh file: the benchmark's pods, the waypoint's service, and
 /// `extra` enrolled pods (name, IP) on node-a for the scale measurement.
+/// The soak: windows of 10 s with L4 and L7 traffic at the fixed rate side
+/// by side and a burst of new connections, then a memory sample of every
+/// proxy. Memory is flat when the last sample is within 10 % (or 2 MB) of
+/// the sample after the first fifth of the run (warm-up: pools, buffers,
+/// allocator arenas). Writes soak.md and soak.json; true when flat and no
+/// request failed.
+fn soak(
+    args: &Args,
+    length: Duration,
+    paths: &[Path],
+    pids: &[(&str, u32)],
+    churn_dst: SocketAddr,
+) -> bool {
+    const WINDOW: Duration = Duration::from_secs(10);
+    const MB: f64 = 1024.0 * 1024.0;
+    let windows = (length.as_secs_f64() / WINDOW.as_secs_f64())
+        .ceil()
+        .max(2.0) as usize;
+    let pod = |name: &str| with_topology(|t| t.pod(name).clone());
+    let traffic: Vec<(SocketAddr, &str, sluice_tests::netns::Pod)> = paths
+        .iter()
+        .filter(|p| p.name != "direct")
+        .map(|p| (p.dst, p.host, pod(p.from)))
+        .collect();
+    let client = pod("client");
+    let mut samples: Vec<(f64, Vec<u64>)> = vec![];
+    let (mut sent, mut errors, mut churned, mut churn_failed) = (0u64, 0u64, 0u64, 0u64);
+    let started = Instant::now();
+    eprintln!(
+        "soak: {windows} windows of {WINDOW:?}: L4 and L7 at {} req/s each, plus connection churn",
+        args.rate
+    );
+    for w in 0..windows {
+        let runs: Vec<_> = traffic
+            .iter()
+            .map(|(dst, host, from)| {
+                let (dst, host, from) = (*dst, host.to_string(), from.clone());
+                let (rate, conns, payload) = (args.rate, args.connections, args.payload);
+                std::thread::spawn(move || {
+                    loadgen::fixed_rate(&from, dst, &host, rate, WINDOW, conns, payload)
+                })
+            })
+            .collect();
+        let (rate, failed) = loadgen::connection_rate(&client, churn_dst, 1, WINDOW / 5);
+        churned += (rate * (WINDOW / 5).as_secs_f64()) as u64;
+        churn_failed += failed;
+        for r in runs {
+            let r = r.join().expect("load thread");
+            sent += r.sent;
+            errors += r.errors;
+        }
+        let rss: Vec<u64> = pids
+            .iter()
+            .map(|(_, pid)| loadgen::memory(*pid, "VmRSS"))
+            .collect();
+        eprintln!(
+            "soak {}/{windows}: RSS {}",
+            w + 1,
+            pids.iter()
+                .zip(&rss)
+                .map(|((n, _), b)| format!("{n} {:.1} MB", *b as f64 / MB))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        samples.push((started.elapsed().as_secs_f64(), rss));
+    }
+    let base = &samples[(samples.len() / 5).max(1) - 1].1;
+    let last = &samples[samples.len() - 1].1;
+    let mut flat = true;
+    let mut rows = String::new();
+    let mut procs = vec![];
+    for (i, (name, _)) in pids.iter().enumerate() {
+        let (b, l) = (base[i] as f64 / MB, last[i] as f64 / MB);
+        let ok = l - b <= (b * 0.10).max(2.0);
+        flat &= ok;
+        rows.push_str(&format!(
+            "| {name} | {b:.1} | {l:.1} | {:+.1} | {} |\n",
+            l - b,
+            if ok { "flat" } else { "GROWING" }
+        ));
+        procs.push(json!({"process": name, "after_warmup_mb": b, "end_mb": l, "flat": ok}));
+    }
+    let passed = flat && errors == 0;
+    let md = format!(
+        "# Soak\n\n{:.0} s of L4 and L7 traffic at {} req/s each ({} requests, {} failed) and {} new connections ({} failed).\n\n| process | RSS after warm-up (MB) | RSS at end (MB) | change (MB) | verdict |\n|---|---|---|---|---|\n{rows}\nFlat means the end is within 10 % (or 2 MB) of the sample after the first fifth of the run. Samples every {} s are in soak.json.\n\n**{}**\n",
+        started.elapsed().as_secs_f64(),
+        args.rate,
+        sent,
+        errors,
+        churned,
+        churn_failed,
+        WINDOW.as_secs(),
+        if passed { "PASS" } else { "FAIL" }
+    );
+    let report = json!({
+        "seconds": started.elapsed().as_secs_f64(),
+        "rate_per_path": args.rate,
+        "requests": sent,
+        "request_errors": errors,
+        "new_connections": churned,
+        "new_connection_errors": churn_failed,
+        "processes": procs,
+        "samples": samples.iter().map(|(t, rss)| json!({
+            "t": t,
+            "rss_bytes": pids.iter().zip(rss).map(|((n, _), b)| (n.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+        "pass": passed,
+    });
+    std::fs::write(args.out.join("soak.md"), &md).expect("soak.md");
+    std::fs::write(
+        args.out.join("soak.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .expect("soak.json");
+    println!("{md}");
+    passed
+}
+
 fn mesh_yaml(t: &Topology, extra: &[(String, IpAddr)]) -> String {
     let mut y = String::from("nodes: [{name: node-a}, {name: node-b}]\nworkloads:\n");
     for p in t.pods.iter().filter(|p| !p.name.starts_with("scale-")) {
