@@ -272,3 +272,49 @@ async fn expired_and_foreign_certificates_and_tunnels_to_loopback_are_refused() 
         Ok(http::StatusCode::OK)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_that_cannot_be_enrolled_is_reported_and_the_others_serve() {
+    let mesh = Mesh::start().await;
+    let _echo = echo_server(mesh.server_addr()).await;
+    // A pod on node-b whose network namespace does not exist (as when the
+    // eBPF maps or the pod's sandbox refuse it): enrollment fails.
+    mesh.write_mesh(&mesh_yaml(
+        mesh.block,
+        &format!(
+            "  - {{name: ghost, namespace: shop, node: node-b, ips: [\"{}\"], netns: sluice-no-such-netns}}",
+            mesh.ip(20)
+        ),
+    ));
+    let metrics = mesh.b.metrics_addr;
+    let gauge = || async move {
+        let (_, body) = http_get(metrics, "/metrics").await;
+        let value = |name: &str| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        };
+        (
+            value("sluice_workloads_not_enrolled"),
+            value("sluice_enrollment_failures_total"),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + T;
+    let mut seen = gauge().await;
+    while seen.0 == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = gauge().await;
+    }
+    assert_eq!(seen.0, 1, "not-enrolled gauge");
+    assert!(seen.1 >= 1, "failures counted");
+    // It is retried, readiness says so, and everything else is served.
+    assert_eq!(
+        http_get(mesh.b.readiness_addr, "/healthz/ready").await.0,
+        503
+    );
+    let s = mesh.connect(mesh.server_addr()).await.unwrap();
+    assert_eq!(
+        round_trip(s, Arc::new(b"still".to_vec())).await.unwrap(),
+        b"still"
+    );
+}

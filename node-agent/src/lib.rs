@@ -495,6 +495,7 @@ async fn reconcile(ctx: &Arc<Ctx>) {
             (w.ips.clone(), model.identity(w), w.netns.clone()),
         );
     }
+    let wanted = want.len();
     let now = std::time::Instant::now();
     let mut to_start = Vec::new();
     {
@@ -561,12 +562,16 @@ async fn reconcile(ctx: &Arc<Ctx>) {
                 lock(&ctx.local).insert(key, l);
             }
             Err(e) => {
+                ctx.metrics.enrollment_failures.inc();
                 tracing::error!(namespace = %ns, workload = %name, error = %e, "cannot enroll workload (will retry); other workloads are unaffected");
             }
         }
     }
     let n = lock(&ctx.local).len();
     ctx.metrics.enrolled_workloads.set(n as i64);
+    ctx.metrics
+        .unenrollable_workloads
+        .set(wanted.saturating_sub(n) as i64);
 }
 
 /// Enroll a draining workload again, reusing its open listeners.

@@ -53,6 +53,11 @@ pub struct AgentMetrics {
     pub config_updates: Family<ResultLabels, Counter>,
     /// Workloads of this node whose traffic is captured.
     pub enrolled_workloads: Gauge,
+    /// Workloads of this node the model enrolls but the agent could not
+    /// (their traffic is not captured yet; retried every second).
+    pub unenrollable_workloads: Gauge,
+    /// Failed enrollment attempts.
+    pub enrollment_failures: Counter,
     /// Expiry time of each identity's current certificate (Unix seconds).
     pub cert_expiry: Family<IdentityLabels, Gauge>,
     pub cert_rotations: Gauge,
@@ -135,6 +140,8 @@ impl AgentMetrics {
             denials: Family::default(),
             config_updates: Family::default(),
             enrolled_workloads: Gauge::default(),
+            unenrollable_workloads: Gauge::default(),
+            enrollment_failures: Counter::default(),
             cert_expiry: Family::default(),
             cert_rotations: Gauge::default(),
             cert_request_failures: Gauge::default(),
@@ -170,6 +177,16 @@ impl AgentMetrics {
             "enrolled_workloads",
             "Workloads on this node whose traffic is captured",
             m.enrolled_workloads.clone(),
+        );
+        r.register(
+            "workloads_not_enrolled",
+            "Workloads of this node that should be captured but could not be enrolled (alert when above 0)",
+            m.unenrollable_workloads.clone(),
+        );
+        r.register(
+            "enrollment_failures",
+            "Failed enrollment attempts (listeners, network namespace or eBPF maps)",
+            m.enrollment_failures.clone(),
         );
         r.register(
             "certificate_expiry_timestamp_seconds",
