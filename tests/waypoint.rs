@@ -179,6 +179,21 @@ impl Client {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).to_string(), headers)
     }
+
+    /// GET `path`; `None` when the connection fails instead of answering.
+    async fn try_get(&mut self, path: &str) -> Option<u16> {
+        let req = Request::builder()
+            .uri(path)
+            .header("host", "web.shop.svc.cluster.local")
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        self.send.ready().await.ok()?;
+        let resp = tokio::time::timeout(T, self.send.send_request(req))
+            .await
+            .ok()?
+            .ok()?;
+        Some(resp.status().as_u16())
+    }
 }
 
 struct Setup {
@@ -729,4 +744,68 @@ async fn grpc_over_http2_keeps_its_status_and_is_counted_as_grpc() {
             "{text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_beyond_the_waypoints_limit_are_refused_and_service_resumes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One HBONE connection from agent A plus two tunnels.
+    let s = setup_with("service", |c| {
+        c.limits = mesh_core::limits::ConnectionLimits {
+            max_connections: 3,
+            ..Default::default()
+        };
+    })
+    .await;
+    let mut first = Client::new(&s.mesh).await;
+    assert_eq!(first.get("/ok", &[]).await.0, 200);
+    let mut second = Client::new(&s.mesh).await;
+    assert_eq!(second.get("/ok", &[]).await.0, 200);
+    // A third tunnel is refused (503 to agent A, which resets the client).
+    let refused = match s.mesh.connect(SocketAddr::new(s.mesh.ip(10), 80)).await {
+        Err(_) => true,
+        Ok(mut tcp) => {
+            let _ = tcp
+                .write_all(b"GET /ok HTTP/1.1\r\nhost: web\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            let r = tokio::time::timeout(T, tcp.read_to_end(&mut buf))
+                .await
+                .expect("closed, not hung");
+            r.is_err() || buf.is_empty()
+        }
+    };
+    assert!(refused, "a tunnel beyond the limit was served");
+    let (_, text) = http_get(s.wp.admin_addr, "/stats/prometheus").await;
+    assert_eq!(
+        metric(
+            &text,
+            "sluice_waypoint_refused_tunnels_total",
+            &[r#"reason="connection_limit""#]
+        ),
+        1,
+        "{text}"
+    );
+    // The two served go on; when one ends its slot comes back.
+    assert_eq!(second.get("/ok", &[]).await.0, 200);
+    drop(first);
+    let vip = SocketAddr::new(s.mesh.ip(10), 80);
+    let ok = async {
+        loop {
+            // Until the slot is back, agent A's connection is reset (maybe
+            // before connect() returns).
+            if let Ok(tcp) = s.mesh.connect(vip).await {
+                if let Ok((send, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+                {
+                    tokio::spawn(conn);
+                    if (Client { send }).try_get("/ok").await == Some(200) {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(T, ok).await.expect("served again");
 }

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod kube;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod policy;

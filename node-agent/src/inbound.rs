@@ -51,7 +51,7 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     // Handshakes in progress are bounded apart from connections: they are
     // what a peer that never finishes (slowloris) or a flood holds.
     let Some(handshake) = ctx.limiter.handshake() else {
-        ctx.limiter.refused(&ctx, "inbound", "handshake_limit");
+        crate::limits::refused(&ctx, "inbound", "handshake_limit");
         return reset_tcp(&tcp);
     };
     let accept = tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(tcp);
@@ -99,7 +99,7 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
                 return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
             }
             let Some(slot) = slot else {
-                ctx.limiter.refused(&ctx, "inbound", "connection_limit");
+                crate::limits::refused(&ctx, "inbound", "connection_limit");
                 return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
             };
             handle_stream(stream, ctx, peer, local, peer_id).await;

@@ -1,100 +1,22 @@
-//! Bounds on what the agent holds at once, and the accept loop that applies
-//! them. Every connection the agent accepts (captured outbound, inbound
-//! plaintext, inbound HBONE) and every tunnel inside an HBONE connection
-//! takes a connection slot; every TLS handshake in progress also takes a
-//! handshake slot. When the slots are gone, the excess is refused at once
-//! (reset, counted, logged) instead of queued: a connection flood costs a
-//! bounded amount of memory and never starves established traffic.
-//!
-//! The same count tells a graceful drain when the last connection is done.
+//! The agent's accept loop: every accepted connection takes a connection
+//! slot of the agent's [`Limiter`] or is reset at once (counted, logged at
+//! most once a second); a drain refuses what arrives after it began.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use mesh_core::limits::{ConnectionLimits, Limiter, Slot};
 
 use crate::Ctx;
 
-/// Configured bounds (flags `--max-connections`, `--max-pending-handshakes`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// Connections and tunnels served at once.
-    pub max_connections: usize,
-    /// Inbound TLS handshakes in progress at once; a peer that connects and
-    /// never finishes its handshake holds one until the handshake timeout.
-    pub max_pending_handshakes: usize,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: 50_000,
-            max_pending_handshakes: 1_024,
-        }
-    }
-}
-
-/// The slots themselves, shared by every listener of the agent.
-pub struct Limiter {
-    limits: ConnectionLimits,
-    connections: Arc<Semaphore>,
-    handshakes: Arc<Semaphore>,
-    warned: RateLimitedWarning,
-}
-
-/// Held for as long as a connection (or tunnel, or handshake) lives.
-pub type Slot = OwnedSemaphorePermit;
-
-impl Limiter {
-    pub fn new(limits: ConnectionLimits) -> Self {
-        Self {
-            limits,
-            connections: Arc::new(Semaphore::new(limits.max_connections)),
-            handshakes: Arc::new(Semaphore::new(limits.max_pending_handshakes)),
-            warned: RateLimitedWarning::default(),
-        }
-    }
-
-    /// A connection slot, or `None` at the limit (the caller refuses).
-    pub fn connection(&self) -> Option<Slot> {
-        self.connections.clone().try_acquire_owned().ok()
-    }
-
-    /// A handshake slot, or `None` at the limit.
-    pub fn handshake(&self) -> Option<Slot> {
-        self.handshakes.clone().try_acquire_owned().ok()
-    }
-
-    /// Connections and tunnels being served now.
-    pub fn active(&self) -> usize {
-        self.limits.max_connections - self.connections.available_permits()
-    }
-
-    /// TLS handshakes in progress now.
-    pub fn pending_handshakes(&self) -> usize {
-        self.limits.max_pending_handshakes - self.handshakes.available_permits()
-    }
-
-    /// Count and log one refusal at a limit; the log line is written at
-    /// most once a second (with how many were refused since), so a flood
-    /// cannot flood the log too.
-    pub fn refused(&self, ctx: &Ctx, direction: &'static str, reason: &'static str) {
-        ctx.metrics.refuse(direction, reason);
-        if let Some(since_last) = self.warned.due() {
-            tracing::warn!(
-                direction,
-                reason,
-                refused = since_last,
-                max_connections = self.limits.max_connections,
-                max_pending_handshakes = self.limits.max_pending_handshakes,
-                "at a connection limit: refusing new connections"
-            );
-        }
-    }
+/// Count (in the agent's metrics) and log one refusal at a limit.
+pub fn refused(ctx: &Ctx, direction: &'static str, reason: &'static str) {
+    ctx.metrics.refuse(direction, reason);
+    ctx.limiter.log_refusal(direction, reason);
 }
 
 /// Accept connections on `listener` until aborted; each gets a connection
@@ -131,7 +53,7 @@ pub async fn accept_loop<H, Fut>(
                 }
                 None => {
                     on_refused(&ctx, &tcp);
-                    ctx.limiter.refused(&ctx, direction, "connection_limit");
+                    refused(&ctx, direction, "connection_limit");
                     mesh_core::hbone::splice::reset_tcp(&tcp);
                 }
             },
@@ -146,71 +68,3 @@ pub async fn accept_loop<H, Fut>(
 
 /// Nothing to release for a refused connection.
 pub fn nothing(_: &Ctx, _: &TcpStream) {}
-
-#[derive(Default)]
-struct RateLimitedWarning {
-    /// Milliseconds since `origin` of the last warning, plus one (0 = never).
-    last: AtomicU64,
-    suppressed: AtomicU64,
-    origin: std::sync::OnceLock<Instant>,
-}
-
-impl RateLimitedWarning {
-    /// `Some(refusals since the last warning)` when a warning is due.
-    fn due(&self) -> Option<u64> {
-        let origin = *self.origin.get_or_init(Instant::now);
-        let now = origin.elapsed().as_millis() as u64 + 1;
-        let count = self.suppressed.fetch_add(1, Ordering::Relaxed) + 1;
-        let last = self.last.load(Ordering::Relaxed);
-        if last != 0 && now < last + 1000 {
-            return None;
-        }
-        if self
-            .last
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            return None;
-        }
-        self.suppressed.fetch_sub(count, Ordering::Relaxed);
-        Some(count)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_bounded_and_come_back() {
-        let l = Limiter::new(ConnectionLimits {
-            max_connections: 2,
-            max_pending_handshakes: 1,
-        });
-        let a = l.connection().unwrap();
-        let _b = l.connection().unwrap();
-        assert!(l.connection().is_none());
-        assert_eq!(l.active(), 2);
-        drop(a);
-        assert_eq!(l.active(), 1);
-        assert!(l.connection().is_some());
-        let h = l.handshake().unwrap();
-        assert!(l.handshake().is_none());
-        drop(h);
-        assert!(l.handshake().is_some());
-    }
-
-    #[test]
-    fn warnings_are_rate_limited_and_count_what_they_skipped() {
-        let w = RateLimitedWarning::default();
-        assert_eq!(w.due(), Some(1));
-        for _ in 0..99 {
-            assert_eq!(w.due(), None);
-        }
-        // A second later the next warning reports the 99 skipped and itself.
-        w.last.store(1, Ordering::Relaxed);
-        w.origin.get_or_init(Instant::now);
-        std::thread::sleep(Duration::from_millis(1001));
-        assert_eq!(w.due(), Some(100));
-    }
-}

@@ -13,6 +13,7 @@ use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mesh_core::hbone::splice::reset_tcp;
 use mesh_core::hbone::{server, H2Io, InboundStream};
 use mesh_core::identity::verify::spiffe_id_of;
 use mesh_core::identity::SpiffeId;
@@ -22,14 +23,24 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::proxy::{self, ConnCtx};
 use crate::Ctx;
 
-/// Accept HBONE connections until aborted.
+/// Accept HBONE connections until aborted; each takes a connection slot or
+/// is reset at once.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     loop {
         match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move { handle_connection(tcp, peer, ctx).await });
-            }
+            Ok((tcp, peer)) => match ctx.slots.connection() {
+                Some(slot) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        handle_connection(tcp, peer, ctx).await;
+                        drop(slot);
+                    });
+                }
+                None => {
+                    refused(&ctx, "connection_limit");
+                    reset_tcp(&tcp);
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "waypoint accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -38,13 +49,25 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
+/// Count and log (at most once a second) a refusal at a limit.
+fn refused(ctx: &Ctx, reason: &'static str) {
+    ctx.metrics.refuse(reason);
+    ctx.slots.log_refusal("inbound", reason);
+}
+
 async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     let _ = tcp.set_nodelay(true);
     let Ok(cert) = ctx.certs.get(&ctx.identity).await else {
         return;
     };
+    let Some(handshake) = ctx.slots.handshake() else {
+        refused(&ctx, "handshake_limit");
+        return reset_tcp(&tcp);
+    };
     let accept = tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(tcp);
-    let tls = match tokio::time::timeout(ctx.cfg.handshake_timeout, accept).await {
+    let tls = tokio::time::timeout(ctx.cfg.handshake_timeout, accept).await;
+    drop(handshake);
+    let tls = match tls {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(src = %peer, error = %e, "waypoint: TLS handshake refused");
@@ -69,7 +92,18 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     let settings = ctx.cfg.hbone.clone();
     let ctx2 = ctx.clone();
     let result = server::serve_connection(tls, &settings, move |stream| {
-        handle_stream(stream, ctx2.clone(), peer, peer_id.clone())
+        // Each tunnel is a connection of its own for the limits.
+        let slot = ctx2.slots.connection();
+        let ctx = ctx2.clone();
+        let peer_id = peer_id.clone();
+        async move {
+            let Some(slot) = slot else {
+                refused(&ctx, "connection_limit");
+                return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
+            };
+            handle_stream(stream, ctx, peer, peer_id).await;
+            drop(slot);
+        }
     })
     .await;
     if let Err(e) = result {

@@ -67,6 +67,8 @@ pub struct WaypointConfig {
     pub header_timeout: Duration,
     /// Largest request header block accepted.
     pub max_header_bytes: usize,
+    /// Bounds on connections, tunnels and pending handshakes.
+    pub limits: mesh_core::limits::ConnectionLimits,
     /// OTLP/HTTP collector (`http://host:port`) for request spans.
     pub otlp_endpoint: Option<String>,
     /// Watch a Kubernetes API server instead of `mesh_file`.
@@ -98,6 +100,7 @@ impl WaypointConfig {
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
+            limits: Default::default(),
             otlp_endpoint: None,
             kube: None,
         }
@@ -147,6 +150,8 @@ pub struct Ctx {
     pub upstream: Upstream,
     pub balancer: Arc<Balancer>,
     pub limiter: RateLimiter,
+    /// Connection, tunnel and handshake slots.
+    pub slots: mesh_core::limits::Limiter,
     pub metrics: WaypointMetrics,
     pub registry: Registry,
     routes: Mutex<RouteCache>,
@@ -362,6 +367,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         }
         None => None,
     };
+    let limits = cfg.limits;
     let ctx = Arc::new(Ctx {
         cfg,
         model: model_rx,
@@ -371,6 +377,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         upstream,
         balancer: Arc::new(Balancer::default()),
         limiter: RateLimiter::default(),
+        slots: mesh_core::limits::Limiter::new(limits),
         metrics,
         registry,
         routes: Mutex::new(RouteCache {

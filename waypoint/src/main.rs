@@ -57,6 +57,12 @@ struct Cli {
     #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
     /// OTLP/HTTP collector for request spans (`http://host:port`).
+    /// Connections and tunnels served at once; excess is refused.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 50_000)]
+    max_connections: usize,
+    /// TLS handshakes in progress at once; excess is refused.
+    #[arg(long, env = "SLUICE_MAX_PENDING_HANDSHAKES", default_value_t = 1_024)]
+    max_pending_handshakes: usize,
     #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -112,6 +118,10 @@ fn main() -> anyhow::Result<()> {
     }
     cfg.admin_addr = cli.admin_addr;
     cfg.otlp_endpoint = cli.otlp_endpoint;
+    cfg.limits = mesh_core::limits::ConnectionLimits {
+        max_connections: cli.max_connections,
+        max_pending_handshakes: cli.max_pending_handshakes,
+    };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let wp = waypoint::start(cfg).await?;
