@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-pub use mesh_core::limits::{ConnectionLimits, Limiter, Slot};
+pub use mesh_core::limits::{ConnectionLimits, Limiter};
 
 use crate::Ctx;
 

@@ -137,52 +137,15 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(&root),
-        Task::Demo => {
-            setup()?;
-            build_ebpf(&root)?;
-            run(cargo().args(["build", "--release", "-p", "node-agent", "-p", "waypoint"]))?;
-            run(cargo().args([
-                "run",
-                "--release",
-                "-p",
-                "sluice-tests",
-                "--bin",
-                "sluice-demo",
-            ]))
-        }
+        Task::Demo => run_release_program(&root, "sluice-demo", &[]),
         Task::KubeApiserver => kube_apiserver(&root),
         Task::Soak { duration } => {
-            setup()?;
-            build_ebpf(&root)?;
-            run(cargo().args(["build", "--release", "-p", "node-agent", "-p", "waypoint"]))?;
-            run(cargo().args([
-                "run",
-                "--release",
-                "-p",
-                "sluice-tests",
-                "--bin",
-                "sluice-bench",
-                "--",
-                "--soak",
-                &duration,
-            ]))
+            run_release_program(&root, "sluice-bench", &["--soak", &duration])
         }
         Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Task::Bench { args } => {
-            setup()?;
-            build_ebpf(&root)?;
-            run(cargo().args(["build", "--release", "-p", "node-agent", "-p", "waypoint"]))?;
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "sluice-tests",
-                    "--bin",
-                    "sluice-bench",
-                    "--",
-                ])
-                .args(&args))
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_release_program(&root, "sluice-bench", &args)
         }
         Task::Test { no_lint } => {
             setup()?;
@@ -282,6 +245,17 @@ fn setup() -> Result<()> {
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
     }
     Ok(())
+}
+
+/// Set up, build the eBPF object and the release binaries, then run one of
+/// the tests crate's programs (the demo, the benchmark) with `args`.
+fn run_release_program(root: &std::path::Path, bin: &str, args: &[&str]) -> Result<()> {
+    setup()?;
+    build_ebpf(root)?;
+    run(cargo().args(["build", "--release", "-p", "node-agent", "-p", "waypoint"]))?;
+    run(cargo()
+        .args(["run", "--release", "-p", "sluice-tests", "--bin", bin, "--"])
+        .args(args))
 }
 
 /// The fuzz targets of `mesh-core/fuzz` (one per parser or decoder that
