@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use mesh_core::identity::caservice::RemoteCa;
 use node_agent::orig_dst::ExplicitMappings;
 use node_agent::{AgentConfig, AgentHandle, CaSource, KubeSource};
-use sluice_tests::kube::{helm_binary, kube_available, KubeApi};
+use sluice_tests::kube::{for_api_server_1_20, helm_binary, kube_available, KubeApi};
 use sluice_tests::*;
 use tokio::net::TcpSocket;
 
@@ -377,7 +377,24 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
         "-f",
         &format!("{dir}/00-namespace.yaml"),
     ]);
-    api.kubectl(&["apply", "--server-side", "--dry-run=server", "-f", dir]);
+    let validated = api.dir.0.join("manifests");
+    std::fs::create_dir_all(&validated).unwrap();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let f = f.unwrap().path();
+        let text = std::fs::read_to_string(&f).unwrap();
+        std::fs::write(
+            validated.join(f.file_name().unwrap()),
+            for_api_server_1_20(&text),
+        )
+        .unwrap();
+    }
+    api.kubectl(&[
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-f",
+        validated.to_str().unwrap(),
+    ]);
     for f in ["10-rbac.yaml", "15-ca.yaml"] {
         api.kubectl(&["apply", "--server-side", "-f", &format!("{dir}/{f}")]);
     }
@@ -461,6 +478,25 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
     );
     assert_eq!(c["securityContext"]["privileged"], false);
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    // Hot restart: the new agent starts beside the old one and takes its
+    // sockets over through a directory both see.
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0})
+    );
+    let mounted = |name: &str, path: &str| {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == name && m["mountPath"] == path)
+            && pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == name && v["hostPath"]["path"] == path)
+    };
+    assert!(mounted("handover", "/run/sluice"));
     // No key material on nodes: a projected token for the CA's audience
     // and the published root, nothing from a Secret.
     let volumes = pod["volumes"].as_array().unwrap();
@@ -557,7 +593,7 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
     let src_a = ca.node_agent(&api, &client, "node-a").await;
     let src_b = ca.node_agent(&api, &client, "node-b").await;
     let a = agent(&api, "node-a", src_a, redirects.clone()).await;
-    let _b = agent(&api, "node-b", src_b, Arc::new(ExplicitMappings::default())).await;
+    let b = agent(&api, "node-b", src_b, Arc::new(ExplicitMappings::default())).await;
     let mut cfg = waypoint::WaypointConfig::new("web", "waypoint", "waypoint", Default::default());
     cfg.kube = Some(waypoint::KubeMode {
         kubeconfig: Some(api.kubeconfig.clone()),
@@ -585,6 +621,20 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
         .unwrap()
         .unwrap()
         .expect("waypoint starts");
+    // The agents learn the waypoint's address from their own watches, which
+    // may trail the waypoint's: until then its traffic is (rightly) refused.
+    let knows_waypoint = |ctx: &node_agent::Ctx| {
+        let model = ctx.model();
+        model.gateways.iter().any(|g| {
+            model
+                .waypoint_workloads(g)
+                .any(|w| w.ips.contains(&ipn(20)))
+        })
+    };
+    assert!(
+        eventually(T, || knows_waypoint(&a.ctx) && knows_waypoint(&b.ctx)).await,
+        "the agents never learned the waypoint's address"
+    );
 
     let get = |hdr: Option<&'static str>| {
         let (a, redirects) = (&a, redirects.clone());
@@ -807,7 +857,7 @@ async fn the_helm_chart_renders_what_the_manifests_promise() {
     let api = tokio::task::spawn_blocking(KubeApi::start).await.unwrap();
     api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: sluice-system}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
     let rendered = api.dir.0.join("chart.yaml");
-    std::fs::write(&rendered, &text).unwrap();
+    std::fs::write(&rendered, for_api_server_1_20(&text)).unwrap();
     api.kubectl(&[
         "apply",
         "--server-side",
@@ -833,6 +883,10 @@ async fn the_helm_chart_renders_what_the_manifests_promise() {
             "{key} differs from the plain manifest"
         );
     }
+    assert_eq!(
+        ds["spec"]["updateStrategy"], plain["spec"]["updateStrategy"],
+        "the update strategy differs from the plain manifest"
+    );
     let (c, pc) = (&pod["containers"][0], &plain_pod["containers"][0]);
     for key in [
         "securityContext",
