@@ -180,27 +180,32 @@ impl HboneConnector {
             destination: req.destination_identity.clone(),
             addr: req.hbone_addr,
         };
-        let (mut sender, guard) = match self.checkout(&key, cert.generation) {
-            Some(found) => found,
-            None => self.checkout_or_connect(&key, &cert).await?,
-        };
-        self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
-
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(req.authority.to_string())
-            .body(())
-            .expect("an ip:port is a valid authority");
-        *request.headers_mut() = req.headers.clone();
-        let addr = req.hbone_addr;
-        let h2err = |source| HboneError::H2 { addr, source };
-        sender = sender.ready().await.map_err(h2err)?;
-        let (response, send) = sender.send_request(request, false).map_err(h2err)?;
-        let response = response.await.map_err(h2err)?;
-        if response.status() != StatusCode::OK {
-            return Err(HboneError::Status(response.status()));
+        // A pooled connection may be going away (its agent drains or hands
+        // over to a successor): a stream it refuses never reached the
+        // server, so it is retried once on another connection.
+        let mut retried = false;
+        loop {
+            let (sender, guard) = match self.checkout(&key, cert.generation) {
+                Some(found) => found,
+                None => self.checkout_or_connect(&key, &cert).await?,
+            };
+            self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
+            match open_stream(sender, req).await {
+                Ok((send, body)) => return Ok(H2Stream::new(send, body, Some(guard))),
+                Err(StreamError::Refused(source)) if !retried => {
+                    tracing::debug!(addr = %req.hbone_addr, error = %source, "stream refused by a connection going away; retrying on another");
+                    guard.0.superseded.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(StreamError::Refused(source) | StreamError::Other(source)) => {
+                    return Err(HboneError::H2 {
+                        addr: req.hbone_addr,
+                        source,
+                    })
+                }
+                Err(StreamError::Status(s)) => return Err(HboneError::Status(s)),
+            }
         }
-        Ok(H2Stream::new(send, response.into_body(), Some(guard)))
     }
 
     /// Find a live connection with room for a stream and reserve it.
@@ -325,6 +330,44 @@ impl HboneConnector {
     }
 }
 
+/// Why a stream could not be opened on a connection.
+enum StreamError {
+    /// The server did not take the stream (GOAWAY, REFUSED_STREAM, or the
+    /// connection closed before the request went out): safe to retry.
+    Refused(h2::Error),
+    Other(h2::Error),
+    Status(StatusCode),
+}
+
+/// Send the CONNECT on `sender` and wait for the answer.
+async fn open_stream(
+    sender: h2::client::SendRequest<Bytes>,
+    req: &ConnectRequest,
+) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), StreamError> {
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(req.authority.to_string())
+        .body(())
+        .expect("an ip:port is a valid authority");
+    *request.headers_mut() = req.headers.clone();
+    // Nothing has reached the server until send_request succeeded.
+    let mut sender = sender.ready().await.map_err(StreamError::Refused)?;
+    let (response, send) = sender
+        .send_request(request, false)
+        .map_err(StreamError::Refused)?;
+    let response = response.await.map_err(|e| {
+        if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            StreamError::Refused(e)
+        } else {
+            StreamError::Other(e)
+        }
+    })?;
+    if response.status() != StatusCode::OK {
+        return Err(StreamError::Status(response.status()));
+    }
+    Ok((send, response.into_body()))
+}
+
 /// Drive one pooled connection; take it out of the pool when it dies, when
 /// it has been idle too long, or when it was superseded and has drained.
 async fn drive<T>(
@@ -420,9 +463,15 @@ mod tests {
         accepted: Arc<AtomicUsize>,
     }
 
-    /// A server that answers every CONNECT with 200 and echoes nothing; it
-    /// drops each TLS connection after `streams_per_conn` streams.
+    /// A server that answers every CONNECT with 200 and echoes; after
+    /// `streams_per_conn` streams it drops the TLS connection, or with
+    /// `goaway` sends a graceful GOAWAY and keeps serving the open streams
+    /// (as a draining agent does).
     async fn setup(settings: HboneSettings, streams_per_conn: usize) -> Setup {
+        setup_server(settings, streams_per_conn, false).await
+    }
+
+    async fn setup_server(settings: HboneSettings, streams_per_conn: usize, goaway: bool) -> Setup {
         let ca = Arc::new(CertificateAuthority::generate("cluster.local").unwrap());
         let root = ca.root().clone();
         let certs = CertificateStore::new(
@@ -457,6 +506,36 @@ mod tests {
                         .unwrap();
                     let served = Arc::new(AtomicUsize::new(0));
                     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+                    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+                    let go_tx = std::sync::Mutex::new(Some(go_tx));
+                    if goaway {
+                        let served = served.clone();
+                        let conn = crate::hbone::server::serve_connection_until(
+                            tls,
+                            &s,
+                            async move {
+                                let _ = go_rx.await;
+                            },
+                            move |stream| {
+                                let served = served.clone();
+                                let go = go_tx.lock().unwrap().take();
+                                async move {
+                                    if let Ok(mut h2) = stream.accept() {
+                                        tokio::spawn(async move { echo(&mut h2).await });
+                                    }
+                                    if served.fetch_add(1, Ordering::SeqCst) + 1 == streams_per_conn
+                                    {
+                                        if let Some(go) = go {
+                                            let _ = go.send(());
+                                        }
+                                    }
+                                }
+                            },
+                        );
+                        let _ = conn.await;
+                        return;
+                    }
+                    drop((go_tx, go_rx));
                     let conn = serve_connection(tls, &s, move |stream| {
                         let (served, done) = (served.clone(), done_tx.clone());
                         async move {
@@ -555,6 +634,22 @@ mod tests {
         let _second = s.connector.connect(&s.req).await.unwrap();
         assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
         assert_eq!(s.connector.stats().connections_opened, 2);
+    }
+
+    /// A pooled connection whose server sent a graceful GOAWAY (its agent
+    /// drains or hands over) must not fail the next tunnel: the stream is
+    /// refused there and opened on a new connection.
+    #[tokio::test]
+    async fn a_tunnel_refused_by_a_connection_going_away_is_retried() {
+        let s = setup_server(HboneSettings::default(), 1, true).await;
+        let first = s.connector.connect(&s.req).await.unwrap();
+        // The GOAWAY reaches the client; the first tunnel stays open, so the
+        // connection is still pooled.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(s.connector.stats().connections, 1);
+        let _second = s.connector.connect(&s.req).await.expect("retried");
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
+        drop(first);
     }
 
     #[tokio::test]
