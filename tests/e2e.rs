@@ -389,6 +389,118 @@ fn sigterm_drains_established_tunnels_and_a_killed_destination_agent_resets_them
     );
 }
 
+/// Hot restart of both agents while a client keeps opening connections
+/// across the nodes: every connection is served, none leaves in clear, the
+/// connection open since before the upgrades survives both, the old agents
+/// drain when it ends and then wait for their pods' deletion (SIGTERM),
+/// which they meet with a clean exit.
+#[test]
+fn agents_hand_over_to_successors_under_traffic_and_lose_no_connection() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    if !e2e_available() {
+        return;
+    }
+    let mut t = cluster();
+    let client = t.pod("client").clone();
+    let server = addr(&t, "server", 8080);
+    let mut live = in_ns(&client.ns, move || {
+        let s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok::<_, std::io::Error>(s)
+    })
+    .expect("connect");
+    let ping = |s: &mut std::net::TcpStream, m: &[u8]| {
+        s.write_all(m).unwrap();
+        let mut back = vec![0; m.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, m);
+    };
+    ping(&mut live, b"before");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (stop, served, failed, client) =
+            (stop.clone(), served.clone(), failed.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match exchange(&client, server, payload()) {
+                    Ok(back) if back == payload() => served.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        errors.push(format!("{:?}", other.map(|b| b.len())));
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            errors
+        })
+    };
+    let progress = |after: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while served.load(Ordering::SeqCst) < after + 20 {
+            assert!(std::time::Instant::now() < deadline, "traffic stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let sniff = Sniffer::start(&t.node("node-a").ns, MARKER);
+    progress(0);
+    // The destination node first, then the client's node (its agent holds
+    // the pod's outbound capture listeners and the connection records).
+    let old_b = t.upgrade_agent("node-b");
+    progress(served.load(Ordering::SeqCst));
+    let old_a = t.upgrade_agent("node-a");
+    progress(served.load(Ordering::SeqCst));
+    ping(&mut live, b"after both upgrades");
+    stop.store(true, Ordering::SeqCst);
+    let errors = traffic.join().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} of {} connections failed during the upgrades: {errors:?}\n{}\n{}",
+        failed.load(Ordering::SeqCst),
+        served.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst),
+        t.agent_log("node-a"),
+        t.agent_log("node-b")
+    );
+    assert!(
+        !sniff.finish(),
+        "plaintext left the pod during the upgrades"
+    );
+
+    // The old agents still carry the connection from before; when it ends
+    // their drains are over, and they idle until their pods are deleted.
+    live.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).unwrap();
+    for node in ["node-a", "node-b"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !t.agent_log(node).contains("handed over and drained") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "old agent of {node} did not finish its drain:\n{}",
+                t.agent_log(node)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for pid in [old_a, old_b] {
+        assert!(
+            t.wait_child_exit(pid, Duration::from_millis(500)).is_none(),
+            "a handed-over agent must not exit by itself (its pod would restart it)"
+        );
+        t.terminate(pid);
+        let status = t
+            .wait_child_exit(pid, Duration::from_secs(10))
+            .expect("the old agent exits on SIGTERM");
+        assert!(status.success(), "{status}");
+    }
+    // The successors serve alone.
+    assert_eq!(exchange(&client, server, payload()).unwrap(), payload());
+}
+
 #[test]
 fn ipv6_traffic_is_captured_and_tunnelled_too() {
     if !e2e_available() {

@@ -1,7 +1,8 @@
 //! When things go wrong, on loopback: connection floods and handshakes that
 //! never finish meet the agent's limits (refused at once, counted, and
-//! service resumes), and a graceful drain lets established connections
-//! finish while new ones fail closed.
+//! service resumes), a graceful drain lets established connections finish
+//! while new ones fail closed, and a successor takes an agent's listeners
+//! over without refusing or cutting any connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -192,6 +193,93 @@ async fn a_graceful_drain_lets_established_connections_finish_and_fails_new_ones
         .await
         .expect("the drain ends when the last connection does");
     assert_eq!(left, 0);
+}
+
+/// Hot restart: a second agent for node B takes B's listening sockets over
+/// while traffic flows. No new connection is refused at any point, the
+/// established one runs on through the old agent until it ends, then the
+/// old agent's drain is over and the successor serves alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_takes_the_listeners_over_and_no_connection_is_refused_or_cut() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let sockets = TempDir::new("handover");
+    let socket_dir = sockets.0.clone();
+    let mesh = Mesh::start_with(move |c| {
+        c.handover_socket = Some(socket_dir.join(format!("{}.sock", c.node)));
+    })
+    .await;
+    let _echo = echo_server(mesh.server_addr()).await;
+    let mut live = mesh.connect(mesh.server_addr()).await.unwrap();
+    ping(&mut live, b"before").await.unwrap();
+
+    // New connections all along: each must be served, whichever agent of
+    // node B takes it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = async {
+        let data = Arc::new(payload(512, 7));
+        while !stop.load(Ordering::SeqCst) {
+            let ok = match mesh.connect(mesh.server_addr()).await {
+                Ok(s) => round_trip(s, data.clone()).await.ok().as_ref() == Some(&*data),
+                Err(_) => false,
+            };
+            let n = if ok { &served } else { &failed };
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let upgrade = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let successor = node_agent::start(
+            mesh.b.ctx.cfg.clone(),
+            Arc::new(node_agent::orig_dst::ExplicitMappings::default()),
+        )
+        .await
+        .expect("the successor starts while the old agent still listens");
+        tokio::time::timeout(T, successor.wait_ready())
+            .await
+            .expect("successor ready");
+        tokio::time::timeout(T, mesh.b.handed_over())
+            .await
+            .expect("the old agent learns it was replaced");
+        let drain = mesh.b.drain(Duration::from_secs(600));
+        let body = async {
+            // Readiness of the old one turns false; the established
+            // connection still carries bytes both ways through it.
+            assert!(eventually(T, || mesh.b.ctx.is_shutting_down()).await);
+            let before = served.load(Ordering::SeqCst);
+            assert!(
+                eventually(T, || served.load(Ordering::SeqCst) > before + 20).await,
+                "traffic stalled after the hand-over"
+            );
+            ping(&mut live, b"during").await.unwrap();
+            live.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            live.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        };
+        let (left, ()) = tokio::time::timeout(T, async { tokio::join!(drain, body) })
+            .await
+            .expect("the old agent's drain ends with its last connection");
+        assert_eq!(left, 0);
+        // The old agent is gone for good: the successor serves alone.
+        let after = served.load(Ordering::SeqCst);
+        assert!(
+            eventually(T, || served.load(Ordering::SeqCst) > after + 20).await,
+            "the successor does not serve alone"
+        );
+        stop.store(true, Ordering::SeqCst);
+        successor
+    };
+    let ((), _successor) = tokio::time::timeout(T * 2, async { tokio::join!(traffic, upgrade) })
+        .await
+        .expect("hand-over finished");
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "connections failed during the hand-over ({} served)",
+        served.load(Ordering::SeqCst)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

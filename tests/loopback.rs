@@ -328,6 +328,46 @@ async fn service_vip_reaches_an_endpoint_on_its_target_port() {
     );
 }
 
+/// With Istio's `REGISTRY_ONLY`, a destination outside the mesh is refused
+/// (reset, counted, logged) while mesh destinations still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_only_refuses_destinations_outside_the_mesh() {
+    let mesh = Mesh::start_with(|c| {
+        c.outbound_traffic_policy = node_agent::OutboundTrafficPolicy::RegistryOnly;
+    })
+    .await;
+    let outside = SocketAddr::new(mesh.ip(200), 7000);
+    let _echo_outside = echo_server(outside).await;
+    let _echo = echo_server(mesh.server_addr()).await;
+    let s = mesh.connect(outside).await.unwrap();
+    let r = tokio::time::timeout(T, round_trip(s, Arc::new(b"plain".to_vec())))
+        .await
+        .unwrap();
+    assert!(
+        r.as_ref().map_or(true, |b| b.is_empty()),
+        "reached a destination outside the mesh: {r:?}"
+    );
+    let (_, a) = http_get(mesh.a.metrics_addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &a,
+            "sluice_connections_refused_total",
+            &[r#"reason="egress_blocked""#]
+        ),
+        1,
+        "{a}"
+    );
+    // Mesh destinations (workload and service address) are unaffected.
+    for dst in [mesh.server_addr(), SocketAddr::new(mesh.ip(10), 80)] {
+        let s = mesh.connect(dst).await.unwrap();
+        let back = tokio::time::timeout(T, round_trip(s, Arc::new(b"mesh".to_vec())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, b"mesh", "{dst}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destinations_outside_the_mesh_are_passed_through() {
     let mesh = Mesh::start().await;

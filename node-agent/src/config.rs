@@ -51,8 +51,26 @@ pub struct AgentConfig {
     /// How long a graceful shutdown (SIGTERM) lets established connections
     /// finish before it cuts them.
     pub drain_period: Duration,
+    /// Unix socket through which a successor takes this agent's listening
+    /// sockets over (hot restart); `None`: no hand-over.
+    pub handover_socket: Option<PathBuf>,
+    /// What happens to connections to destinations outside the mesh
+    /// (Istio's `outboundTrafficPolicy`).
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// Watch a Kubernetes API server instead of reading `mesh_file`.
     pub kube: Option<KubeSource>,
+}
+
+/// Istio's `meshConfig.outboundTrafficPolicy.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutboundTrafficPolicy {
+    /// Destinations outside the mesh are passed through (Istio's default).
+    #[default]
+    AllowAny,
+    /// Only destinations the mesh knows (workloads and service addresses)
+    /// are reachable; anything else is refused (reset), counted as
+    /// `reason="egress_blocked"` and logged.
+    RegistryOnly,
 }
 
 /// Where the cluster is, in Kubernetes mode.
@@ -91,6 +109,8 @@ impl AgentConfig {
             hbone: HboneSettings::default(),
             limits: Default::default(),
             drain_period: Duration::from_secs(20),
+            handover_socket: None,
+            outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
             kube: None,
         }
     }

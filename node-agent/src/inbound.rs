@@ -93,8 +93,9 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         let peer_id = peer_id.clone();
         async move {
             // A drain refuses tunnels opened after it began (before the
-            // client saw the GOAWAY); established ones run on.
-            if ctx.is_shutting_down() {
+            // client saw the GOAWAY); established ones run on. After a
+            // hand-over they are served: nothing is lost.
+            if ctx.refuses_new_work() {
                 ctx.metrics.refuse("inbound", "draining");
                 return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
             }

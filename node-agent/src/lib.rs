@@ -10,6 +10,7 @@ pub mod admin;
 pub mod authz;
 pub mod capture;
 pub mod config;
+pub mod handover;
 pub mod inbound;
 pub mod limits;
 pub mod orig_dst;
@@ -29,7 +30,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{AgentConfig, CaSource, KubeSource};
+pub use config::{AgentConfig, CaSource, KubeSource, OutboundTrafficPolicy};
 use orig_dst::OriginalDestination;
 use telemetry::{AgentMetrics, ResultLabels};
 
@@ -83,6 +84,17 @@ pub struct Ctx {
     /// Set when the agent drains for shutdown: HBONE connections send a
     /// GOAWAY and readiness turns false.
     shutting_down: watch::Sender<bool>,
+    /// Set when a successor took this agent's listeners over (hot restart):
+    /// it drains too, but serves whatever still reaches it, because the
+    /// successor is there to take the rest.
+    handed_over: watch::Sender<bool>,
+    /// Listening sockets received from the previous agent, until adopted.
+    inherited: handover::Inherited,
+    /// Duplicates of the agent's own listeners (admin, metrics, readiness)
+    /// for a successor.
+    host_listeners: Vec<std::os::fd::OwnedFd>,
+    /// Where a successor asks for this agent's sockets.
+    handover_server: Mutex<Option<handover::HandoverServer>>,
 }
 
 impl Ctx {
@@ -145,6 +157,24 @@ impl Ctx {
             let _ = rx.wait_for(|s| *s).await;
         }
     }
+
+    /// Whether work that reaches the agent now is refused: during a drain
+    /// for shutdown, yes (nobody else serves the node: fail closed, and the
+    /// drain ends sooner); after a hand-over, no — it is served here, as the
+    /// successor serves what it takes from the same sockets.
+    pub fn refuses_new_work(&self) -> bool {
+        self.is_shutting_down() && !*self.handed_over.borrow()
+    }
+
+    /// Duplicates of every listener this agent serves, for a successor.
+    fn listeners_for_successor(&self) -> Vec<std::os::fd::OwnedFd> {
+        let local = lock(&self.local);
+        self.host_listeners
+            .iter()
+            .chain(local.values().flat_map(|l| l.listeners.iter()))
+            .filter_map(|fd| fd.try_clone().ok())
+            .collect()
+    }
 }
 
 /// A local workload as the agent serves it (for the dump and tests).
@@ -164,6 +194,8 @@ struct LocalWorkload {
     /// Each captured IP with its inbound plaintext listener (duplicate fds),
     /// to register again when a draining workload is re-enrolled.
     inbound_fds: Vec<(IpAddr, std::os::fd::OwnedFd)>,
+    /// Every listener of the workload (duplicate fds), for a successor.
+    listeners: Vec<std::os::fd::OwnedFd>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -209,6 +241,13 @@ impl AgentHandle {
         self.stop();
     }
 
+    /// Completes when a successor has taken over this agent's listeners
+    /// and serves (hot restart); the caller then drains and exits.
+    pub async fn handed_over(&self) {
+        let mut rx = self.ctx.handed_over.subscribe();
+        let _ = rx.wait_for(|h| *h).await;
+    }
+
     /// Graceful shutdown: readiness turns false, every listener closes (with
     /// eBPF capture still in place, so new connections of enrolled pods
     /// fail closed rather than bypass the mesh), HBONE peers get a GOAWAY,
@@ -218,6 +257,9 @@ impl AgentHandle {
     pub async fn drain(&self, period: std::time::Duration) -> usize {
         let started = std::time::Instant::now();
         self.ctx.shutting_down.send_replace(true);
+        if let Some(h) = lock(&self.ctx.handover_server).take() {
+            h.stop();
+        }
         // Model followers first, so nothing re-creates listeners.
         for t in lock(&self.tasks).drain(..) {
             t.abort();
@@ -250,6 +292,9 @@ impl AgentHandle {
         }
         lock(&self.ctx.local).clear();
         lock(&self.ctx.draining).clear();
+        if let Some(h) = lock(&self.ctx.handover_server).take() {
+            h.stop();
+        }
         if let Some(a) = lock(&self.admin).take() {
             a.stop();
         }
@@ -270,6 +315,21 @@ pub async fn start(
 ) -> Result<AgentHandle, AgentError> {
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
+    // A previous agent still serving this node hands its listeners over.
+    let inherited = match cfg.handover_socket.clone() {
+        Some(path) => tokio::task::spawn_blocking(move || handover::take_over(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(handover::HandoverError::Protocol(format!(
+                    "hand-over task failed: {e}"
+                )))
+            })
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "no hand-over; binding fresh listeners");
+                handover::Inherited::none()
+            }),
+        None => handover::Inherited::none(),
+    };
     let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::empty("cluster.local")));
     // The model's source: the mesh file, or the cluster (then the first
     // model is complete before anything is served).
@@ -315,7 +375,12 @@ pub async fn start(
     let certs = CertificateStore::new(signer, roots, &model.trust_domain)?;
     let connector = HboneConnector::new(certs.clone(), cfg.hbone.clone());
     let capture = match &cfg.capture {
-        Some(c) => Some(Arc::new(capture::Capture::load(c.clone())?)),
+        // After a hand-over the previous agent still claims its
+        // connections' records: keep them.
+        Some(c) => Some(Arc::new(capture::Capture::load(
+            c.clone(),
+            !inherited.took_over(),
+        )?)),
         None => None,
     };
     let orig_dst: Arc<dyn OriginalDestination> = match &capture {
@@ -326,8 +391,11 @@ pub async fn start(
         None => orig_dst,
     };
 
-    let bind = |addr: SocketAddr| {
-        std::net::TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })
+    let bind = |addr: SocketAddr| match inherited.take(None, addr) {
+        Some(l) => Ok(l),
+        None => {
+            std::net::TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })
+        }
     };
     let (admin_l, metrics_l, ready_l) = (
         bind(cfg.admin_addr)?,
@@ -342,6 +410,10 @@ pub async fn start(
         local_addr(&ready_l),
     );
 
+    let host_listeners = [&admin_l, &metrics_l, &ready_l]
+        .iter()
+        .filter_map(|l| std::os::fd::AsFd::as_fd(*l).try_clone_to_owned().ok())
+        .collect();
     let cfg_limits = cfg.limits;
     let ctx = Arc::new(Ctx {
         cfg,
@@ -357,6 +429,10 @@ pub async fn start(
         live: authz::LiveConnections::default(),
         limiter: limits::Limiter::new(cfg_limits),
         shutting_down: watch::channel(false).0,
+        handed_over: watch::channel(false).0,
+        inherited,
+        host_listeners,
+        handover_server: Mutex::new(None),
     });
     let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l);
     reconcile(&ctx).await;
@@ -378,6 +454,7 @@ pub async fn start(
         tasks.push(tokio::spawn(watch_mesh_file(ctx.clone(), loaded, model_tx)));
     }
     tasks.push(tokio::spawn(follow_model(ctx.clone())));
+    tasks.push(tokio::spawn(complete_handover(ctx.clone())));
     Ok(AgentHandle {
         ctx,
         admin_addr,
@@ -387,6 +464,59 @@ pub async fn start(
         admin: Mutex::new(Some(admin)),
     })
 }
+
+/// Once serving: release the previous agent (if any), then wait for a
+/// successor of our own.
+async fn complete_handover(ctx: Arc<Ctx>) {
+    if ctx.inherited.took_over() {
+        // Let the previous agent serve until this one is ready (or clearly
+        // stuck: then it serves what it can and the old one drains anyway,
+        // rather than both running forever).
+        let ready = async {
+            while !ctx.is_ready() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(HANDOVER_READY_WAIT, ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "not ready after {HANDOVER_READY_WAIT:?}; releasing the previous agent anyway"
+            );
+        }
+        ctx.inherited.finish();
+    }
+    let Some(path) = ctx.cfg.handover_socket.clone() else {
+        return;
+    };
+    let weak = Arc::downgrade(&ctx);
+    let for_ready = Arc::downgrade(&ctx);
+    let server = handover::HandoverServer::start(
+        &path,
+        move || {
+            weak.upgrade()
+                .map(|c| c.listeners_for_successor())
+                .unwrap_or_default()
+        },
+        move || {
+            if let Some(c) = for_ready.upgrade() {
+                c.handed_over.send_replace(true);
+            }
+        },
+    );
+    match server {
+        Ok(s) if !ctx.is_shutting_down() => *lock(&ctx.handover_server) = Some(s),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "hot restart unavailable: a successor will have to bind fresh listeners")
+        }
+    }
+}
+
+/// How long a successor waits to be ready before it releases its
+/// predecessor regardless.
+const HANDOVER_READY_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A Kubernetes client from a kubeconfig file, or inferred (in-cluster
 /// service account, `$KUBECONFIG`).
@@ -607,9 +737,18 @@ fn start_workload(
             },
         )?)),
     };
-    let listen = |addr: SocketAddr| {
-        net.listen(addr)
-            .map_err(|source| AgentError::Bind { addr, source })
+    // A listener handed over by the previous agent, else a fresh one.
+    let mut listeners = Vec::new();
+    let mut listen_or_inherit = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let l = match ctx.inherited.take(net.netns().map(|n| n.cookie()), addr) {
+            Some(l) => tokio::net::TcpListener::from_std(l)?,
+            None => net.listen(addr)?,
+        };
+        listeners.push(std::os::fd::AsFd::as_fd(&l).try_clone_to_owned()?);
+        Ok(l)
+    };
+    let mut listen = |addr: SocketAddr| {
+        listen_or_inherit(addr).map_err(|source| AgentError::Bind { addr, source })
     };
     let src_ip = ips[0];
     let mut tasks = Vec::new();
@@ -638,7 +777,7 @@ fn start_workload(
                 ctx.clone(),
                 src_ip,
             )));
-            match net.listen(v6_lo) {
+            match listen(v6_lo) {
                 Ok(out6) => {
                     let src6 = ips.iter().copied().find(IpAddr::is_ipv6).unwrap_or(src_ip);
                     tasks.push(tokio::spawn(outbound::serve(out6, ctx.clone(), src6)));
@@ -689,6 +828,7 @@ fn start_workload(
         netns: netns.map(str::to_string),
         net,
         inbound_fds,
+        listeners,
         tasks,
     })
 }

@@ -37,8 +37,9 @@ pub async fn accept_loop<H, Fut>(
     loop {
         match listener.accept().await {
             // Listeners close when a drain begins; one accepted in that
-            // instant is refused like the ones after it.
-            Ok((tcp, _)) if ctx.is_shutting_down() => {
+            // instant is refused like the ones after it (but served after a
+            // hand-over, when the successor takes the ones after it).
+            Ok((tcp, _)) if ctx.refuses_new_work() => {
                 on_refused(&ctx, &tcp);
                 ctx.metrics.refuse(direction, "draining");
                 mesh_core::hbone::splice::reset_tcp(&tcp);

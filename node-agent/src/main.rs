@@ -169,6 +169,15 @@ struct RunArgs {
     /// agent exits (keep it below the pod's terminationGracePeriodSeconds).
     #[arg(long, env = "SLUICE_DRAIN_PERIOD", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_period: Duration,
+    /// Unix socket for hot restart: a new agent takes the running agent's
+    /// listening sockets through it, then the old one drains and exits
+    /// (default: /run/sluice/<node>/handover.sock; `none` turns it off).
+    #[arg(long, env = "SLUICE_HANDOVER_SOCKET")]
+    handover_socket: Option<PathBuf>,
+    /// Destinations outside the mesh: passed through (`allow-any`, Istio's
+    /// default) or refused (`registry-only`).
+    #[arg(long, env = "SLUICE_OUTBOUND_TRAFFIC_POLICY", value_enum, default_value_t = Egress::AllowAny)]
+    outbound_traffic_policy: Egress,
     /// How pods' traffic is captured: `ebpf` loads the capture programs;
     /// `none` only serves (for tests and loopback demos).
     #[arg(long, env = "SLUICE_CAPTURE", value_enum, default_value_t = Capture::None)]
@@ -184,6 +193,12 @@ struct RunArgs {
     /// cgroup2 root).
     #[arg(long, env = "SLUICE_CGROUP")]
     cgroup: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Egress {
+    AllowAny,
+    RegistryOnly,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -288,6 +303,19 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         max_pending_handshakes: a.max_pending_handshakes,
     };
     cfg.drain_period = a.drain_period;
+    cfg.outbound_traffic_policy = match a.outbound_traffic_policy {
+        Egress::AllowAny => node_agent::OutboundTrafficPolicy::AllowAny,
+        Egress::RegistryOnly => node_agent::OutboundTrafficPolicy::RegistryOnly,
+    };
+    cfg.handover_socket = match a.handover_socket {
+        Some(p) if p.as_os_str() == "none" => None,
+        Some(p) => Some(p),
+        None => Some(
+            PathBuf::from("/run/sluice")
+                .join(&a.node)
+                .join("handover.sock"),
+        ),
+    };
     if a.capture == Capture::Ebpf {
         cfg.capture = Some(node_agent::capture::CaptureConfig {
             object: a.ebpf_object,
@@ -313,20 +341,50 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             "agent started"
         );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        // Drain; a second signal cuts the drain short.
+        let handed_over = tokio::select! {
+            _ = tokio::signal::ctrl_c() => false,
+            _ = term.recv() => false,
+            _ = agent.handed_over() => {
+                tracing::info!("a successor took over; draining");
+                true
+            }
+        };
+        // Drain. A signal during it cuts it short — except, after a
+        // hand-over, the first one: that is the old pod being deleted, which
+        // only means "exit once drained".
         let period = agent.ctx.cfg.drain_period;
-        tokio::select! {
-            left = agent.drain(period) => {
-                if left > 0 {
-                    tracing::warn!(left, "drain period over; cutting the remaining connections");
+        let drain = agent.drain(period);
+        tokio::pin!(drain);
+        let mut patience = if handed_over { 2 } else { 1 };
+        let mut terminated = false;
+        loop {
+            tokio::select! {
+                left = &mut drain => {
+                    if left > 0 {
+                        tracing::warn!(left, "drain period over; cutting the remaining connections");
+                    }
+                    break;
+                }
+                _ = async { tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} } } => {
+                    patience -= 1;
+                    if patience == 0 {
+                        tracing::warn!("signal during the drain: exiting without draining");
+                        return Ok(());
+                    }
+                    terminated = true;
+                    tracing::info!("terminating once drained");
                 }
             }
-            _ = tokio::signal::ctrl_c() => tracing::warn!("second signal: exiting without draining"),
-            _ = term.recv() => tracing::warn!("second signal: exiting without draining"),
+        }
+        // A handed-over agent that exits on its own would be restarted in
+        // its old pod and take the sockets back: it idles until the pod is
+        // deleted.
+        if handed_over && !terminated {
+            tracing::info!("handed over and drained; idle until terminated");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         }
         Ok(())
     })

@@ -56,6 +56,11 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         return refuse(tcp, "unknown_source", &src_ip);
     };
     let (service, waypoint) = match model.destination(dst) {
+        Destination::External
+            if ctx.cfg.outbound_traffic_policy == crate::OutboundTrafficPolicy::RegistryOnly =>
+        {
+            return refuse(tcp, "egress_blocked", &dst)
+        }
         Destination::External => return passthrough(tcp, peer, dst, &model, src, None, &ctx).await,
         Destination::Service(svc, _) => (Some(svc), model.service_waypoint(svc)),
         Destination::Workload(w) => (None, model.workload_waypoint(w)),

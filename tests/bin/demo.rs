@@ -2,8 +2,9 @@
 //! "pods" as network namespaces, one real `sluice-agent` per node with eBPF
 //! capture, traffic between pods (cross node, same node, through a service
 //! VIP, and from a pod that opted out), HTTP through a waypoint (header
-//! routing, a 80/20 split, an L7 deny) with `curl`, then a report from the
-//! agents' own access logs and metrics and the waypoint's request metrics.
+//! routing, a 80/20 split, an L7 deny) with `curl`, a hot restart of one
+//! agent under traffic, then a report from the agents' own access logs and
+//! metrics and the waypoint's request metrics.
 //! Everything is removed on exit and on Ctrl-C.
 
 use std::net::SocketAddr;
@@ -44,6 +45,56 @@ authorizationPolicies:
       action: DENY
       rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
 "#;
+
+/// Replace node-b's agent by a new process while frontend keeps opening
+/// connections to reviews on node-b; report what the clients saw.
+fn hot_restart() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let mut guard = TOPOLOGY.lock().unwrap();
+    let Some(t) = guard.as_mut() else { return };
+    println!("\n== Hot restart: a new agent takes node-b over while frontend keeps connecting to reviews ==");
+    let (from, dst) = (
+        t.pod("frontend").clone(),
+        SocketAddr::new(t.pod("reviews").ip, 8080),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let data = vec![b'h'; 10_000];
+            while !stop.load(Ordering::SeqCst) {
+                let n = match exchange(&from, dst, data.clone()) {
+                    Ok(back) if back == data => &ok,
+                    _ => &failed,
+                };
+                n.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let old = t.upgrade_agent("node-b");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let _ = traffic.join();
+    // The old agent drained and idles until its pod would be deleted.
+    t.terminate(old);
+    let exit = match t.wait_child_exit(old, Duration::from_secs(10)) {
+        Some(s) => s.to_string(),
+        None => "STILL RUNNING".into(),
+    };
+    println!(
+        "old agent (pid {old}) handed its listening sockets over, drained, and on SIGTERM exited ({exit})"
+    );
+    println!(
+        "connections from frontend during the upgrade: {} served, {} failed",
+        ok.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst)
+    );
+}
 
 fn main() {
     if !e2e_available() {
@@ -179,6 +230,7 @@ fn main() {
             split.matches("web-v2 GET").count()
         );
     }
+    hot_restart();
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     let guard = TOPOLOGY.lock().unwrap();

@@ -264,6 +264,22 @@ impl KubeApi {
     }
 }
 
+/// `yaml` as the v1.20 API server of these tests accepts it: DaemonSet
+/// surge (Kubernetes 1.22+) becomes the one-node-at-a-time strategy of
+/// older clusters. Callers check the surge settings themselves.
+pub fn for_api_server_1_20(yaml: &str) -> String {
+    let mut out = String::new();
+    for line in yaml.lines() {
+        match line.trim() {
+            "maxSurge: 1" => continue,
+            "maxUnavailable: 0" => out.push_str(&line.replace(": 0", ": 1")),
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 impl Drop for KubeApi {
     fn drop(&mut self) {
         // The API server before etcd (the other order makes it hang).

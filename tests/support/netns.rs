@@ -431,8 +431,8 @@ impl Topology {
         self.dir.0.join(format!("agent-{node}.log"))
     }
 
-    /// Start (or restart) the agent of `node` and wait until it is ready.
-    pub fn start_agent(&mut self, node: &str) {
+    /// Start an agent process for `node` (logging to the node's log).
+    fn spawn_agent(&self, node: &str) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -440,7 +440,7 @@ impl Topology {
             .unwrap();
         let ns = self.node(node).ns.clone();
         let mut cmd = Command::new(agent_binary());
-        let child = spawn_in_ns(
+        spawn_in_ns(
             &ns,
             cmd.args(["run", "--node", node, "--capture", "ebpf", "--ca-generate"])
                 .arg("--mesh-file")
@@ -454,6 +454,8 @@ impl Topology {
                 .arg("--bpffs-dir")
                 .arg(self.pin_root.join(node))
                 .args(["--reload-interval", self.reload_interval])
+                .arg("--handover-socket")
+                .arg(self.dir.0.join(format!("handover-{node}.sock")))
                 .env("RUST_LOG", "info,sluice_ebpf=debug")
                 .env(
                     "SLUICE_LOG_FORMAT",
@@ -461,7 +463,12 @@ impl Topology {
                 )
                 .stdout(log.try_clone().unwrap())
                 .stderr(log),
-        );
+        )
+    }
+
+    /// Start (or restart) the agent of `node` and wait until it is ready.
+    pub fn start_agent(&mut self, node: &str) {
+        let child = self.spawn_agent(node);
         let idx = self.nodes.iter().position(|n| n.name == node).unwrap();
         self.nodes[idx].agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -481,6 +488,53 @@ impl Topology {
         }
     }
 
+    /// Hot restart: start a second agent for `node` while the first runs,
+    /// and wait until it has taken the first one's sockets over and serves.
+    /// It becomes the node's agent; the old one (draining) stays a child of
+    /// the topology. Returns the old one's process ID.
+    pub fn upgrade_agent(&mut self, node: &str) -> u32 {
+        const TOOK_OVER: &str = "took over from the previous agent";
+        let before = self.agent_log(node).matches(TOOK_OVER).count();
+        let child = self.spawn_agent(node);
+        let idx = self.nodes.iter().position(|n| n.name == node).unwrap();
+        let old = self.nodes[idx]
+            .agent
+            .replace(child)
+            .expect("an agent to upgrade");
+        let pid = old.id();
+        self.children.push(old);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.agent_log(node).matches(TOOK_OVER).count() == before {
+            if let Some(Ok(Some(status))) = self.nodes[idx].agent.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "new agent {node} exited ({status}):\n{}",
+                    self.agent_log(node)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {node} did not take over:\n{}",
+                self.agent_log(node)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pid
+    }
+
+    /// Wait up to `limit` for a process started by the topology (not a
+    /// node's current agent) to exit; its status, or `None`.
+    pub fn wait_child_exit(
+        &mut self,
+        pid: u32,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let i = self.children.iter().position(|c| c.id() == pid)?;
+        let status = wait_exit(&mut self.children[i], limit)?;
+        // Reaped by the wait above.
+        let _ = self.children.remove(i).wait();
+        Some(status)
+    }
+
     /// Kill the agent of `node` (SIGKILL: no cleanup of its own).
     pub fn kill_agent(&mut self, node: &str) {
         let idx = self.nodes.iter().position(|n| n.name == node).unwrap();
@@ -492,7 +546,19 @@ impl Topology {
 
     /// Send SIGTERM to the agent of `node` (it drains, then exits).
     pub fn terminate_agent(&self, node: &str) {
-        let pid = self.agent_pid(node).expect("agent running");
+        self.terminate(self.agent_pid(node).expect("agent running"));
+    }
+
+    /// Send SIGTERM to `pid`, a process this topology started.
+    pub fn terminate(&self, pid: u32) {
+        assert!(
+            self.children.iter().any(|c| c.id() == pid)
+                || self
+                    .nodes
+                    .iter()
+                    .any(|n| n.agent.as_ref().map(Child::id) == Some(pid)),
+            "{pid} was not started by this topology"
+        );
         // SAFETY: kill(2) on a child process this topology started.
         let r = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         assert_eq!(r, 0, "SIGTERM to {pid}");
@@ -506,18 +572,11 @@ impl Topology {
         limit: Duration,
     ) -> Option<std::process::ExitStatus> {
         let idx = self.nodes.iter().position(|n| n.name == node).unwrap();
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            let child = self.nodes[idx].agent.as_mut()?;
-            if let Ok(Some(status)) = child.try_wait() {
-                self.nodes[idx].agent = None;
-                return Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let status = wait_exit(self.nodes[idx].agent.as_mut()?, limit);
+        if status.is_some() {
+            self.nodes[idx].agent = None;
         }
+        status
     }
 
     pub fn agent_log(&self, node: &str) -> String {
@@ -685,6 +744,20 @@ pub fn http_in(
         });
     });
     rx.recv().unwrap()
+}
+
+/// Wait up to `limit` for `child` to exit; its status, or `None`.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl Default for Topology {

@@ -7,7 +7,8 @@
 //!   no longer exist and fail (fail closed) instead of leaving in clear text.
 //! - On start the agent reuses the pinned maps, replaces the pinned links
 //!   with its freshly loaded programs (attach new, then drop old: no window
-//!   without capture), clears connection records from before the restart,
+//!   without capture), clears connection records from before the restart
+//!   (unless the previous agent handed its sockets over and still serves),
 //!   and drops enrollments that the model no longer wants.
 //! - `aya-log` records from the programs are forwarded to `tracing`.
 
@@ -160,7 +161,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
 impl Capture {
     /// Load the programs, reuse pinned maps, (re)attach and pin the socket
     /// programs at the cgroup root.
-    pub fn load(cfg: CaptureConfig) -> Result<Capture, CaptureError> {
+    pub fn load(cfg: CaptureConfig, clear_stale: bool) -> Result<Capture, CaptureError> {
         ensure_bpffs(&cfg.pin_dir)?;
         let bytes = std::fs::read(&cfg.object).map_err(|source| CaptureError::Object {
             path: cfg.object.display().to_string(),
@@ -219,14 +220,18 @@ impl Capture {
                 .map_err(|e| CaptureError::Map(e, maps::INBOUND_PODS))?,
         };
         // Records of connections from before this start can never be
-        // claimed: those connections failed with the previous agent.
-        let stale: Vec<ConnKey> = m.orig.keys().filter_map(Result::ok).collect();
-        for k in &stale {
-            let _ = m.orig.remove(k);
-        }
-        let stale: Vec<u64> = m.pending.keys().filter_map(Result::ok).collect();
-        for k in &stale {
-            let _ = m.pending.remove(k);
+        // claimed: those connections failed with the previous agent. Not
+        // so after a hand-over: the previous agent still serves, and either
+        // may accept a connection redirected a moment ago.
+        if clear_stale {
+            let stale: Vec<ConnKey> = m.orig.keys().filter_map(Result::ok).collect();
+            for k in &stale {
+                let _ = m.orig.remove(k);
+            }
+            let stale: Vec<u64> = m.pending.keys().filter_map(Result::ok).collect();
+            for k in &stale {
+                let _ = m.pending.remove(k);
+            }
         }
         tracing::info!(pin_dir = %cfg.pin_dir.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
         Ok(Capture {
