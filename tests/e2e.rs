@@ -501,6 +501,94 @@ fn agents_hand_over_to_successors_under_traffic_and_lose_no_connection() {
     assert_eq!(exchange(&client, server, payload()).unwrap(), payload());
 }
 
+/// A full eBPF map: with the enrollment map filled to its limit (as by
+/// thousands of pods), a new pod is not enrolled and the agent says why — an
+/// error naming the full map, `sluice_workloads_not_enrolled` 1, readiness
+/// 503 — while the pods it has keep working. Once there is room it enrolls
+/// the pod by itself, and the pod's traffic is captured (nothing in clear).
+#[test]
+fn a_full_enrollment_map_is_reported_and_the_pod_enrolled_once_there_is_room() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use sluice_ebpf_common::{maps, Enrolled};
+    if !e2e_available() {
+        return;
+    }
+    let mut t = cluster();
+    let pinned = MapData::from_pin(t.pin_dir("node-b").join(maps::ENROLLED)).unwrap();
+    let mut enrolled: BpfHashMap<MapData, u64, Enrolled> =
+        BpfHashMap::try_from(Map::HashMap(pinned)).unwrap();
+    // Namespace cookies that no namespace has, until the kernel says full.
+    let mut fillers = Vec::new();
+    for cookie in (1u64 << 62).. {
+        match enrolled.insert(cookie, Enrolled { flags: 0, _pad: 0 }, 0) {
+            Ok(()) => fillers.push(cookie),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        fillers.len() + 1,
+        sluice_ebpf_common::POD_MAP_SIZE as usize,
+        "the agent's own pod is the rest"
+    );
+    let late = t.add_pod("node-b", "late", 2);
+    echo_in(&late, 8080);
+    write_mesh(&t, true);
+    let not_enrolled = |t: &Topology| {
+        t.metrics("node-b")
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_workloads_not_enrolled "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while not_enrolled(&t) != Some(1) || !t.agent_log("node-b").contains("SLUICE_ENROLLED is full")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the full map was not reported:\n{}",
+            t.agent_log("node-b")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        t.http("node-b", 15021, "/healthz/ready").map(|r| r.0),
+        Some(503)
+    );
+    // The pods already enrolled are served as before.
+    let client = t.pod("client").clone();
+    assert_eq!(
+        exchange(&client, addr(&t, "server", 8080), payload()).unwrap(),
+        payload()
+    );
+
+    // Room again (pods elsewhere left): the retry enrolls the new pod.
+    for cookie in &fillers[..8] {
+        enrolled.remove(cookie).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while not_enrolled(&t) != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not enrolled once there was room:\n{}",
+            t.agent_log("node-b")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        t.http("node-b", 15021, "/healthz/ready").map(|r| r.0),
+        Some(200)
+    );
+    let sniff = Sniffer::start(&t.node("node-b").ns, MARKER);
+    assert_eq!(
+        exchange(&late, addr(&t, "server", 8080), payload()).unwrap(),
+        payload()
+    );
+    assert_eq!(
+        exchange(&client, SocketAddr::new(late.ip, 8080), payload()).unwrap(),
+        payload()
+    );
+    assert!(!sniff.finish(), "the late pod's traffic left in clear");
+}
+
 #[test]
 fn ipv6_traffic_is_captured_and_tunnelled_too() {
     if !e2e_available() {

@@ -196,20 +196,14 @@ struct LocalWorkload {
     inbound_fds: Vec<(IpAddr, std::os::fd::OwnedFd)>,
     /// Every listener of the workload (duplicate fds), for a successor.
     listeners: Vec<std::os::fd::OwnedFd>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Its listeners' accept loops, stopped when it is dropped (held for
+    /// that alone).
+    _tasks: AbortOnDrop,
 }
 
 impl LocalWorkload {
     fn same(&self, ips: &[IpAddr], identity: &SpiffeId, netns: &Option<String>) -> bool {
         self.ips == ips && &self.identity == identity && &self.netns == netns
-    }
-}
-
-impl Drop for LocalWorkload {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
     }
 }
 
@@ -751,15 +745,17 @@ fn start_workload(
         listen_or_inherit(addr).map_err(|source| AgentError::Bind { addr, source })
     };
     let src_ip = ips[0];
-    let mut tasks = Vec::new();
+    // Aborted if enrollment fails half-way: a listener task left running
+    // would keep its port and make every retry fail.
+    let mut tasks = AbortOnDrop(Vec::new());
     let mut inbound_fds = Vec::new();
     match &net {
         PodNet::Host => {
             for &ip in ips {
                 let out = listen(SocketAddr::new(ip, ctx.cfg.outbound_port))?;
                 let hbone = listen(SocketAddr::new(ip, ctx.cfg.hbone_port))?;
-                tasks.push(tokio::spawn(outbound::serve(out, ctx.clone(), ip)));
-                tasks.push(tokio::spawn(inbound::serve(hbone, ctx.clone())));
+                tasks.spawn(outbound::serve(out, ctx.clone(), ip));
+                tasks.spawn(inbound::serve(hbone, ctx.clone()));
             }
         }
         PodNet::Netns(ns) => {
@@ -772,15 +768,11 @@ fn start_workload(
                 IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1u16]),
                 ctx.cfg.outbound_port,
             );
-            tasks.push(tokio::spawn(outbound::serve(
-                listen(v4_lo)?,
-                ctx.clone(),
-                src_ip,
-            )));
+            tasks.spawn(outbound::serve(listen(v4_lo)?, ctx.clone(), src_ip));
             match listen(v6_lo) {
                 Ok(out6) => {
                     let src6 = ips.iter().copied().find(IpAddr::is_ipv6).unwrap_or(src_ip);
-                    tasks.push(tokio::spawn(outbound::serve(out6, ctx.clone(), src6)));
+                    tasks.spawn(outbound::serve(out6, ctx.clone(), src6));
                 }
                 Err(e) => tracing::debug!(error = %e, "no IPv6 outbound listener in this pod"),
             }
@@ -809,8 +801,8 @@ fn start_workload(
                             })?;
                     inbound_fds.push((*ip, fd));
                 }
-                tasks.push(tokio::spawn(inbound::serve(hbone, ctx.clone())));
-                tasks.push(tokio::spawn(inbound::serve_plaintext(plain, ctx.clone())));
+                tasks.spawn(inbound::serve(hbone, ctx.clone()));
+                tasks.spawn(inbound::serve_plaintext(plain, ctx.clone()));
             }
             // Redirect only once every listener is up.
             if let Some(c) = &ctx.capture {
@@ -829,6 +821,23 @@ fn start_workload(
         net,
         inbound_fds,
         listeners,
-        tasks,
+        _tasks: tasks,
     })
+}
+
+/// Tasks aborted when dropped.
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl AbortOnDrop {
+    fn spawn(&mut self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(f));
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }

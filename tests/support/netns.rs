@@ -427,6 +427,11 @@ impl Topology {
         self.dir.0.join("mesh.yaml")
     }
 
+    /// The bpffs directory of `node`'s pinned maps and links.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        self.pin_root.join(node)
+    }
+
     pub fn log_file(&self, node: &str) -> PathBuf {
         self.dir.0.join(format!("agent-{node}.log"))
     }

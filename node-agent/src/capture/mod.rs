@@ -24,7 +24,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use sluice_ebpf_common::{config, maps, ConnKey, Enrolled, IpKey, OrigDst};
+use sluice_ebpf_common::{config, maps, ConnKey, Enrolled, IpKey, OrigDst, POD_MAP_SIZE};
 use tokio::net::TcpStream;
 
 use crate::orig_dst::OriginalDestination;
@@ -70,6 +70,18 @@ pub enum CaptureError {
     Pin { path: String, reason: String },
     #[error("eBPF program or map {0} missing from the object")]
     Missing(&'static str),
+    #[error("eBPF map {0} is full ({1} entries): no room for this pod until others leave")]
+    Full(&'static str, u32),
+}
+
+/// A map update's error, telling a full map (E2BIG) apart.
+fn update_err(name: &'static str, capacity: u32) -> impl Fn(aya::maps::MapError) -> CaptureError {
+    move |e| match &e {
+        aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            CaptureError::Full(name, capacity)
+        }
+        _ => CaptureError::Map(e, name),
+    }
 }
 
 /// An error and its causes on one line (aya keeps the OS error as a source).
@@ -263,19 +275,29 @@ impl Capture {
             replace_pin(&link_path, link)?;
         }
         let mut m = lock(&self.maps);
-        for (ip, listener) in inbound {
-            let key = IpKey { ip: ip_key(*ip) };
-            m.inbound
-                .insert(key, listener.as_raw_fd(), 0)
-                .map_err(|e| CaptureError::Map(e, maps::INBOUND_LISTENERS))?;
-            m.inbound_pods
-                .insert(key, 1, 0)
-                .map_err(|e| CaptureError::Map(e, maps::INBOUND_PODS))?;
+        let result = (|| {
+            for (ip, listener) in inbound {
+                let key = IpKey { ip: ip_key(*ip) };
+                m.inbound
+                    .insert(key, listener.as_raw_fd(), 0)
+                    .map_err(update_err(maps::INBOUND_LISTENERS, POD_MAP_SIZE))?;
+                m.inbound_pods
+                    .insert(key, 1, 0)
+                    .map_err(update_err(maps::INBOUND_PODS, POD_MAP_SIZE))?;
+            }
+            m.enrolled
+                .insert(ns.cookie(), Enrolled { flags: 0, _pad: 0 }, 0)
+                .map_err(update_err(maps::ENROLLED, POD_MAP_SIZE))
+        })();
+        drop(m);
+        // All or nothing (a full map, typically): a pod half captured —
+        // inbound but not outbound — would be harder to reason about than
+        // one reported as not enrolled and retried.
+        if result.is_err() {
+            let ips: Vec<IpAddr> = inbound.iter().map(|(ip, _)| *ip).collect();
+            self.unenroll(ns.cookie(), &ips);
         }
-        m.enrolled
-            .insert(ns.cookie(), Enrolled { flags: 0, _pad: 0 }, 0)
-            .map_err(|e| CaptureError::Map(e, maps::ENROLLED))?;
-        Ok(())
+        result
     }
 
     /// Stop capturing a pod: its traffic flows directly again.
