@@ -37,22 +37,6 @@ async fn refused(s: std::io::Result<TcpStream>) -> bool {
     }
 }
 
-/// Poll an async counter until it reaches `want` (the server counts a
-/// refusal just after the client sees it).
-async fn wait_for<F, Fut>(want: u64, mut count: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = u64>,
-{
-    let deadline = tokio::time::Instant::now() + T;
-    let mut got = count().await;
-    while got < want && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        got = count().await;
-    }
-    assert_eq!(got, want);
-}
-
 async fn refusals(metrics: SocketAddr, direction: &str, reason: &str) -> u64 {
     let (_, body) = http_get(metrics, "/metrics").await;
     metric(
@@ -326,7 +310,7 @@ async fn expired_and_foreign_certificates_and_tunnels_to_loopback_are_refused() 
     let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
     let r = tunnel(vec![expired], key, mesh.server_addr()).await;
     assert!(r.is_err(), "expired certificate got {r:?}");
-    wait_for(before + 1, failed).await;
+    assert_eq!(wait_for_count(T, before + 1, failed).await, before + 1);
 
     // Signed by the real root key, for another trust domain.
     let foreign_ca = CertificateAuthority::load("evil.example", &root, &root_key).unwrap();
@@ -334,7 +318,7 @@ async fn expired_and_foreign_certificates_and_tunnels_to_loopback_are_refused() 
     let (chain, key) = issue(&foreign_ca, &foreign_id);
     let r = tunnel(chain, key, mesh.server_addr()).await;
     assert!(r.is_err(), "foreign trust domain got {r:?}");
-    wait_for(before + 2, failed).await;
+    assert_eq!(wait_for_count(T, before + 2, failed).await, before + 2);
 
     // A valid identity asking for the server pod's loopback (an admin
     // port there) or the agent's own admin endpoint gets 400.

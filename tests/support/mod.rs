@@ -283,6 +283,29 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
         .sum()
 }
 
+/// Poll an async counter until it reaches `want` or `limit` passes; its
+/// last value. (Agents count a connection just after its client saw the
+/// end of it.)
+pub async fn wait_for_count<F, Fut>(limit: Duration, want: u64, mut count: F) -> u64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut got = count().await;
+    while got < want && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        got = count().await;
+    }
+    got
+}
+
+/// The sum of metric `name` (with `labels`) scraped from `addr`.
+pub async fn scrape(addr: SocketAddr, name: &str, labels: &[&str]) -> u64 {
+    let (_, body) = http_get(addr, "/metrics").await;
+    metric(&body, name, labels)
+}
+
 /// Poll `f` until it returns true or `limit` passes.
 pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -351,7 +374,8 @@ pub fn issue(
 
 /// A test HTTP server (HTTP/1.1 and HTTP/2 prior knowledge) answering
 /// `<name> <method> <path> <x-added header>`; `/flaky` fails every other
-/// request with 503, `/slow` takes 2 s, `/reset` drops the connection;
+/// request with 503, `/slow` and `/linger` take 2 s, `/reset` drops the
+/// connection;
 /// gRPC requests get an empty message and status 0 (14 for `…/Fail`).
 /// Returns its request counter.
 pub fn serve_http(l: TcpListener, name: &'static str) -> Arc<std::sync::atomic::AtomicUsize> {
@@ -382,7 +406,7 @@ pub fn serve_http(l: TcpListener, name: &'static str) -> Arc<std::sync::atomic::
                             if path.starts_with("/flaky") && n.is_multiple_of(2) {
                                 status = http::StatusCode::SERVICE_UNAVAILABLE;
                             }
-                            if path.starts_with("/slow") {
+                            if path.starts_with("/slow") || path.starts_with("/linger") {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }
                             if path.starts_with("/reset") {
