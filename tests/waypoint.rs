@@ -746,6 +746,41 @@ async fn grpc_over_http2_keeps_its_status_and_is_counted_as_grpc() {
     }
 }
 
+/// Graceful shutdown of the waypoint (a rolling update of its Deployment):
+/// readiness turns 503, the request in flight gets its answer, then its
+/// HTTP connection ends (`connection: close`) instead of being cut, and the
+/// drain is over as soon as the last tunnel is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_waypoint_answers_requests_in_flight_then_closes() {
+    let s = setup("service").await;
+    let mut client = Client::new(&s.mesh).await;
+    assert_eq!(client.get("/ok", &[]).await.0, 200);
+    assert_eq!(http_get(s.wp.admin_addr, "/healthz/ready").await.0, 200);
+    let in_flight = tokio::spawn(async move {
+        let answer = client.get("/linger", &[]).await;
+        (answer, client)
+    });
+    // The request has reached the backend (which takes 2 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let drain = s.wp.drain(Duration::from_secs(600));
+    let body = async {
+        assert!(eventually(T, || s.wp.ctx.is_shutting_down()).await);
+        assert_eq!(http_get(s.wp.admin_addr, "/healthz/ready").await.0, 503);
+        let ((status, body, headers), mut client) = in_flight.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body.starts_with("v1 GET /linger"), "{body}");
+        assert_eq!(
+            headers.get("connection").and_then(|v| v.to_str().ok()),
+            Some("close")
+        );
+        assert_eq!(client.try_get("/ok").await, None, "the connection lived on");
+    };
+    let (left, ()) = tokio::time::timeout(T, async { tokio::join!(drain, body) })
+        .await
+        .expect("the drain ends with the last tunnel");
+    assert_eq!(left, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_beyond_the_waypoints_limit_are_refused_and_service_resumes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

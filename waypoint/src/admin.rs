@@ -48,7 +48,13 @@ fn answer(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<Bytes>> {
             mesh_core::metrics::encode(&ctx.registry),
         ),
         "/healthz/ready" => {
-            if ctx.certs.current(&ctx.identity).is_some() {
+            if ctx.is_shutting_down() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "draining\n".into(),
+                )
+            } else if ctx.certs.current(&ctx.identity).is_some() {
                 reply(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 reply(

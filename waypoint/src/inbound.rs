@@ -91,7 +91,8 @@ async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     };
     let settings = ctx.cfg.hbone.clone();
     let ctx2 = ctx.clone();
-    let result = server::serve_connection(tls, &settings, move |stream| {
+    let shutdown = ctx.shutdown_begun();
+    let result = server::serve_connection_until(tls, &settings, shutdown, move |stream| {
         // Each tunnel is a connection of its own for the limits.
         let slot = ctx2.slots.connection();
         let ctx = ctx2.clone();
@@ -187,7 +188,18 @@ async fn handle_stream(stream: InboundStream, ctx: Arc<Ctx>, peer: SocketAddr, p
         .keep_alive_timeout(Duration::from_secs(10));
     let svc_ctx = ctx.clone();
     let service = service_fn(move |req| proxy::handle(svc_ctx.clone(), conn.clone(), req));
-    if let Err(e) = builder.serve_connection(io, service).await {
+    let http = builder.serve_connection(io, service);
+    tokio::pin!(http);
+    // A drain ends the connection after the request in flight.
+    let shutdown = ctx.shutdown_begun();
+    let result = tokio::select! {
+        r = http.as_mut() => r,
+        () = shutdown => {
+            http.as_mut().graceful_shutdown();
+            http.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(src = %peer, error = %e, "waypoint: HTTP connection ended with an error");
     }
 }

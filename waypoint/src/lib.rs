@@ -73,6 +73,8 @@ pub struct WaypointConfig {
     pub otlp_endpoint: Option<String>,
     /// Watch a Kubernetes API server instead of `mesh_file`.
     pub kube: Option<KubeMode>,
+    /// How long a graceful shutdown lets requests in flight finish.
+    pub drain_period: Duration,
 }
 
 /// Where the cluster is, in Kubernetes mode.
@@ -103,6 +105,7 @@ impl WaypointConfig {
             limits: Default::default(),
             otlp_endpoint: None,
             kube: None,
+            drain_period: Duration::from_secs(20),
         }
     }
 }
@@ -159,9 +162,24 @@ pub struct Ctx {
     pub active_retries: AtomicUsize,
     /// Span export, when a collector is configured.
     pub spans: Option<otlp::SpanExporter>,
+    /// Set when the waypoint drains for shutdown.
+    shutting_down: watch::Sender<bool>,
 }
 
 impl Ctx {
+    /// True once a graceful shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    /// Completes when a graceful shutdown begins.
+    pub fn shutdown_begun(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutting_down.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
     /// The current mesh model.
     pub fn model(&self) -> Arc<MeshModel> {
         self.model.borrow().clone()
@@ -237,6 +255,8 @@ pub struct WaypointHandle {
     pub hbone_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
+    /// The HBONE accept loops (closed first when draining).
+    listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl WaypointHandle {
@@ -244,6 +264,47 @@ impl WaypointHandle {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        self.close_listeners();
+    }
+
+    fn close_listeners(&self) {
+        for t in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+
+    /// Graceful shutdown (SIGTERM; a rolling update of the waypoint's
+    /// Deployment): readiness turns false, the listeners close, HBONE peers
+    /// get a GOAWAY (their agents open new tunnels to the other replicas),
+    /// HTTP connections in the tunnels end after their current request
+    /// (HTTP/1.1 `connection: close`, HTTP/2 GOAWAY), and requests in flight
+    /// finish — for at most `period`. Returns how many connections and
+    /// tunnels were still open at the deadline.
+    pub async fn drain(&self, period: Duration) -> usize {
+        let started = std::time::Instant::now();
+        self.ctx.shutting_down.send_replace(true);
+        self.close_listeners();
+        tracing::info!(
+            open = self.ctx.slots.active(),
+            period_ms = period.as_millis() as u64,
+            "draining: listeners closed, finishing requests in flight"
+        );
+        let deadline = tokio::time::Instant::now() + period;
+        while self.ctx.slots.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.ctx.slots.active();
+        tracing::info!(
+            left,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drain over"
+        );
+        left
     }
 }
 
@@ -387,13 +448,15 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         active_requests: AtomicUsize::new(0),
         active_retries: AtomicUsize::new(0),
         spans,
+        shutting_down: watch::channel(false).0,
     });
+    let mut accept_loops = Vec::new();
     for l in listeners {
         let l = tokio::net::TcpListener::from_std(l).map_err(|source| WaypointError::Bind {
             addr: "0.0.0.0:0".parse().expect("static"),
             source,
         })?;
-        tasks.push(tokio::spawn(inbound::serve(l, ctx.clone())));
+        accept_loops.push(tokio::spawn(inbound::serve(l, ctx.clone())));
     }
     let admin_l =
         tokio::net::TcpListener::from_std(admin_l).map_err(|source| WaypointError::Bind {
@@ -442,5 +505,6 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         hbone_addrs,
         admin_addr,
         tasks,
+        listeners: std::sync::Mutex::new(accept_loops),
     })
 }

@@ -63,6 +63,10 @@ struct Cli {
     /// TLS handshakes in progress at once; excess is refused.
     #[arg(long, env = "SLUICE_MAX_PENDING_HANDSHAKES", default_value_t = 1_024)]
     max_pending_handshakes: usize,
+    /// On SIGTERM, how long requests in flight may finish before the
+    /// waypoint exits (keep it below terminationGracePeriodSeconds).
+    #[arg(long, env = "SLUICE_DRAIN_PERIOD", default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_period: std::time::Duration,
     #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -122,6 +126,8 @@ fn main() -> anyhow::Result<()> {
         max_connections: cli.max_connections,
         max_pending_handshakes: cli.max_pending_handshakes,
     };
+    cfg.drain_period = cli.drain_period;
+    let drain_period = cfg.drain_period;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         let wp = waypoint::start(cfg).await?;
@@ -131,7 +137,16 @@ fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down");
+        // Drain; a second signal cuts it short.
+        tokio::select! {
+            left = wp.drain(drain_period) => {
+                if left > 0 {
+                    tracing::warn!(left, "drain period over; cutting the remaining connections");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => tracing::warn!("second signal: exiting without draining"),
+            _ = term.recv() => tracing::warn!("second signal: exiting without draining"),
+        }
         drop(wp);
         Ok(())
     })
