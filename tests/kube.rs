@@ -352,8 +352,30 @@ async fn agents_follow_the_cluster_through_changes_and_an_api_server_restart() {
             .map(|w| &w.name)
             .collect::<Vec<_>>()
     );
-    // Deleting a pod removes it.
+    // A deleted pod terminates first: it stays in the model (still
+    // enrolled, so its last connections are captured) but takes no new
+    // traffic as an endpoint…
     api.kubectl(&["delete", "pod", "-n", "shop", "client", "--wait=false"]);
+    assert!(
+        eventually(T, || a
+            .ctx
+            .model()
+            .workloads
+            .iter()
+            .any(|w| w.name == "client" && w.terminating))
+        .await
+    );
+    // …and is removed once it is gone (the kubelet's confirmation; forced
+    // here, as no kubelet runs).
+    api.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "shop",
+        "client",
+        "--grace-period=0",
+        "--force",
+    ]);
     assert!(eventually(T, || a.ctx.model().workloads.len() == 2).await);
     assert!(a.ctx.model().workloads.iter().all(|w| w.name != "client"));
 }

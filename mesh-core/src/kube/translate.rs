@@ -98,9 +98,7 @@ fn pod_ips(p: &Pod) -> Vec<IpAddr> {
 
 fn workload_of(p: &Pod) -> Option<Workload> {
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded") | Some("Failed"))
-        || p.metadata.deletion_timestamp.is_some()
-    {
+    if matches!(phase, Some("Succeeded") | Some("Failed")) {
         return None;
     }
     let spec = p.spec.as_ref()?;
@@ -124,6 +122,9 @@ fn workload_of(p: &Pod) -> Option<Workload> {
         ips,
         labels: p.metadata.labels.clone().unwrap_or_default(),
         netns: None,
+        // Deleted but still running its grace period: dropping it would
+        // un-enroll it, and its last connections would leave in clear.
+        terminating: p.metadata.deletion_timestamp.is_some(),
     })
 }
 
@@ -228,7 +229,7 @@ pub fn translate(
     netns: NetnsOf<'_>,
 ) -> Translation {
     let mut problems = vec![];
-    let workloads: Vec<Workload> = state
+    let mut workloads: Vec<Workload> = state
         .pods
         .iter()
         .filter_map(|p| {
@@ -237,6 +238,9 @@ pub fn translate(
             Some(w)
         })
         .collect();
+    // When a new pod already has the address of one still terminating, the
+    // new one keeps it (the first claim wins below).
+    workloads.sort_by_key(|w| w.terminating);
     let mut nodes: Vec<Node> = state
         .nodes
         .iter()
@@ -575,6 +579,50 @@ spec:
                 .any(|p| p.contains("AuthorizationPolicy bookinfo/typo") && p.contains("form")),
             "{:?}",
             t.problems
+        );
+    }
+
+    /// A deleted pod in its grace period stays enrolled (its connections
+    /// are still captured) but is no endpoint any more; should a new pod
+    /// get its address meanwhile, the running pod has it.
+    #[test]
+    fn a_terminating_pod_stays_enrolled_but_is_no_endpoint() {
+        let mut s = state();
+        s.pods[0].metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-12-01T10:00:00Z".parse().unwrap(),
+            ));
+        let mut successor: Pod = parse::<Pod>(PODS).remove(0);
+        successor.metadata.name = Some("reviews-v1-new".into());
+        let status = successor.status.as_mut().unwrap();
+        status.pod_ips = None;
+        status.pod_ip = Some("10.244.1.8".into());
+        s.pods.push(successor.clone());
+        let t = translate(&s, "cluster.local", "istio-system", &|_| None);
+        let m = &t.model;
+        let old = m
+            .workloads
+            .iter()
+            .find(|w| w.name == "reviews-v1-5b4f7c9d8-abcde")
+            .expect("still in the model");
+        assert!(old.terminating);
+        assert!(m.is_enrolled(old));
+        let svc = m.service("bookinfo", "reviews").unwrap();
+        let mut eps: Vec<&str> = m.service_endpoints(svc).map(|w| w.name.as_str()).collect();
+        eps.sort();
+        assert_eq!(eps, ["reviews-v1-new", "reviews-v2-xyz"]);
+
+        // The address reused by a new pod while the old one terminates.
+        s.pods.pop();
+        successor.status.as_mut().unwrap().pod_ip = Some("10.244.1.7".into());
+        s.pods.insert(0, successor);
+        let t = translate(&s, "cluster.local", "istio-system", &|_| None);
+        assert_eq!(
+            t.model
+                .workload_by_ip("10.244.1.7".parse().unwrap())
+                .unwrap()
+                .name,
+            "reviews-v1-new"
         );
     }
 

@@ -276,6 +276,7 @@ impl MeshModel {
                     .enumerate()
                     .filter(|(_, w)| {
                         w.namespace == s.namespace
+                            && !w.terminating
                             && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
                     })
                     .map(|(i, _)| i)
@@ -848,6 +849,37 @@ peerAuthentications:
         assert_eq!(direct.workload.name, "echo-2");
         assert!(direct.service.is_none());
         assert!(m.pick_endpoint("192.0.2.1:80".parse().unwrap()).is_none());
+    }
+
+    /// A terminating workload is no service endpoint and no waypoint to
+    /// pick, while it stays addressable (its connections are served).
+    #[test]
+    fn terminating_workloads_take_no_new_traffic() {
+        let yaml = GOOD.replace(
+            "    ips: [10.0.2.2]\n",
+            "    ips: [10.0.2.2]\n    terminating: true\n",
+        ) + r#"gateways:
+  - metadata: {name: waypoint, namespace: shop}
+    spec: {gatewayClassName: istio-waypoint}
+"#;
+        let yaml = yaml.replace(
+            "workloads:\n",
+            "workloads:\n  - {name: wp-old, namespace: shop, node: node-a, ips: [10.0.1.8], terminating: true, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\n  - {name: wp-new, namespace: shop, node: node-a, ips: [10.0.1.9], labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\n",
+        );
+        let m = MeshModel::from_yaml(&yaml, "mesh.yaml").unwrap();
+        let vip = "10.96.0.10:80".parse().unwrap();
+        for _ in 0..4 {
+            assert_eq!(m.pick_endpoint(vip).unwrap().workload.name, "echo-1");
+        }
+        assert_eq!(
+            m.workload_by_ip("10.0.2.2".parse().unwrap()).unwrap().name,
+            "echo-2"
+        );
+        let gw = &m.gateways[0];
+        assert_eq!(m.waypoint_workloads(gw).count(), 2);
+        for _ in 0..4 {
+            assert_eq!(m.pick_waypoint_workload(gw).unwrap().name, "wp-new");
+        }
     }
 
     #[test]

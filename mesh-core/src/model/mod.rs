@@ -71,6 +71,12 @@ pub struct Workload {
     /// the workload from its own namespace, on the workload's IPs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// Shutting down (a pod with a deletion timestamp): it is no longer an
+    /// endpoint of its services nor a waypoint to pick, but stays enrolled
+    /// — its own connections are captured until it is gone — and its
+    /// established connections are served.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminating: bool,
 }
 
 fn default_service_account() -> String {
@@ -378,7 +384,10 @@ impl MeshModel {
 
     /// A pod of the waypoint to send to (round robin by a shared cursor).
     pub fn pick_waypoint_workload<'a>(&'a self, g: &'a Gateway) -> Option<&'a Workload> {
-        let pods: Vec<&Workload> = self.waypoint_workloads(g).collect();
+        let pods: Vec<&Workload> = self
+            .waypoint_workloads(g)
+            .filter(|w| !w.terminating)
+            .collect();
         if pods.is_empty() {
             return None;
         }
