@@ -781,6 +781,32 @@ async fn a_draining_waypoint_answers_requests_in_flight_then_closes() {
     assert_eq!(left, 0);
 }
 
+/// The waypoint's kept-alive upstream connections (each a tunnel through
+/// the endpoint's agent) close once unused for the idle timeout, so a
+/// draining agent is not held up by tunnels nobody uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_closed() {
+    let s = setup("service").await;
+    let mut client = Client::new(&s.mesh).await;
+    assert_eq!(client.get("/ok", &[]).await.0, 200);
+    drop(client);
+    let closed_at_b = || {
+        scrape(
+            s.mesh.b.metrics_addr,
+            "istio_tcp_connections_closed_total",
+            &[r#"source_principal="spiffe://cluster.local/ns/shop/sa/waypoint""#],
+        )
+    };
+    // Kept for reuse at first…
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(closed_at_b().await, 0);
+    // …closed after the idle timeout.
+    let limit = waypoint::upstream::IDLE_TIMEOUT + Duration::from_secs(10);
+    let n = wait_for_count(limit, 1, closed_at_b).await;
+    let (_, text) = http_get(s.mesh.b.metrics_addr, "/metrics").await;
+    assert_eq!(n, 1, "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_beyond_the_waypoints_limit_are_refused_and_service_resumes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -84,7 +84,9 @@ fn hot_restart() {
     let _ = traffic.join();
     // The old agent drained and idles until its pod would be deleted.
     t.terminate(old);
-    let exit = match t.wait_child_exit(old, Duration::from_secs(10)) {
+    // It finishes its drain once the tunnels it still carries end (the
+    // waypoint's idle upstream connections close after 10 s).
+    let exit = match t.wait_child_exit(old, Duration::from_secs(30)) {
         Some(s) => s.to_string(),
         None => "STILL RUNNING".into(),
     };
@@ -241,8 +243,11 @@ fn main() {
 
     let guard = TOPOLOGY.lock().unwrap();
     let Some(t) = guard.as_ref() else { return };
-    println!("\n== What the agents logged (one access-log line per connection) ==");
+    println!(
+        "\n== What the agents logged (one access-log line per connection; repeats counted) =="
+    );
     for node in ["node-a", "node-b"] {
+        let mut seen: Vec<(String, usize)> = Vec::new();
         for line in t.agent_log(node).lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
@@ -255,7 +260,7 @@ fn main() {
                     .map(str::to_string)
                     .unwrap_or_else(|| v[k].to_string())
             };
-            println!(
+            let entry = format!(
                 "{node} {:<17} {} ({}) -> {} ({})  mtls={} bytes out/in={}/{}",
                 f("direction"),
                 f("src.workload"),
@@ -266,6 +271,16 @@ fn main() {
                 f("bytes_sent"),
                 f("bytes_recv"),
             );
+            match seen.iter_mut().find(|(e, _)| *e == entry) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((entry, 1)),
+            }
+        }
+        for (entry, n) in seen {
+            match n {
+                1 => println!("{entry}"),
+                n => println!("{entry}  x{n}"),
+            }
         }
     }
     println!("\n== Metrics (istio_tcp_connections_opened_total) ==");

@@ -4,11 +4,13 @@
 //! the endpoint's identity checked as server. HTTP/1.1 connections are
 //! kept alive and reused one request at a time; HTTP/2 connections (used
 //! when the client spoke HTTP/2, e.g. gRPC) are shared by concurrent
-//! requests.
+//! requests. Connections idle for [`IDLE_TIMEOUT`] are closed, so an
+//! endpoint's draining agent sees its tunnels end within its drain period.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
@@ -60,28 +62,69 @@ pub struct Target<'a> {
     pub max_requests_per_connection: Option<u32>,
 }
 
-/// A kept-alive HTTP/1.1 connection and the requests it has carried.
-type IdleConnection = (http1::SendRequest<Body>, u32);
+/// A kept-alive HTTP/1.1 connection, the requests it has carried, and
+/// when it was last used.
+type IdleConnection = (http1::SendRequest<Body>, u32, Instant);
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// How long an upstream connection may sit unused before it is closed:
+/// below the agents' default drain period (20 s), so an agent that drains
+/// (SIGTERM, hot restart) is not held up by tunnels nobody uses.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Pools {
+    http1: HashMap<SocketAddr, Vec<IdleConnection>>,
+    /// Shared HTTP/2 connections and when each was last used.
+    h2: HashMap<SocketAddr, (http2::SendRequest<Body>, Instant)>,
+}
+
+impl Pools {
+    /// Drop connections unused since `cutoff` (and closed ones). Dropping
+    /// the last sender closes the connection once its requests are done.
+    fn prune(&mut self, cutoff: Instant) {
+        for list in self.http1.values_mut() {
+            list.retain(|(s, _, used)| !s.is_closed() && *used > cutoff);
+        }
+        self.http1.retain(|_, l| !l.is_empty());
+        self.h2
+            .retain(|_, (s, used)| !s.is_closed() && *used > cutoff);
+    }
+}
 
 /// Upstream HTTP connections of a waypoint.
 pub struct Upstream {
     connector: HboneConnector,
     source: SpiffeId,
-    idle: Mutex<HashMap<SocketAddr, Vec<IdleConnection>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    pools: Arc<Mutex<Pools>>,
     hbone_port: u16,
 }
 
+fn lock(p: &Mutex<Pools>) -> std::sync::MutexGuard<'_, Pools> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Upstream {
+    /// Call within a Tokio runtime: a task closes idle connections.
     pub fn new(connector: HboneConnector, source: SpiffeId) -> Self {
+        let pools = Arc::new(Mutex::new(Pools::default()));
+        let weak = Arc::downgrade(&pools);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+            loop {
+                tick.tick().await;
+                let Some(p) = weak.upgrade() else { return };
+                if let Some(cutoff) = Instant::now().checked_sub(IDLE_TIMEOUT) {
+                    lock(&p).prune(cutoff);
+                }
+            }
+        });
         Self {
             connector,
             source,
-            idle: Mutex::new(HashMap::new()),
-            h2: Mutex::new(HashMap::new()),
+            pools,
             hbone_port: HBONE_PORT,
         }
     }
@@ -121,8 +164,15 @@ impl Upstream {
         let addr = t.addr;
         if req.version() == Version::HTTP_2 {
             let existing = {
-                let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                h2.get(&addr).filter(|s| !s.is_closed()).cloned()
+                let mut pools = lock(&self.pools);
+                pools
+                    .h2
+                    .get_mut(&addr)
+                    .filter(|(s, _)| !s.is_closed())
+                    .map(|(s, used)| {
+                        *used = Instant::now();
+                        s.clone()
+                    })
             };
             let mut sender = match existing {
                 Some(s) => s,
@@ -136,10 +186,9 @@ impl Upstream {
                             tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
                         }
                     });
-                    self.h2
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(addr, sender.clone());
+                    lock(&self.pools)
+                        .h2
+                        .insert(addr, (sender.clone(), Instant::now()));
                     sender
                 }
             };
@@ -168,15 +217,15 @@ impl Upstream {
         }
 
         let reused = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let list = idle.entry(addr).or_default();
-            list.retain(|(s, _)| !s.is_closed());
+            let mut pools = lock(&self.pools);
+            let list = pools.http1.entry(addr).or_default();
+            list.retain(|(s, _, _)| !s.is_closed());
             list.iter()
-                .position(|(s, _)| s.is_ready())
+                .position(|(s, _, _)| s.is_ready())
                 .map(|i| list.swap_remove(i))
         };
         let (mut sender, used) = match reused {
-            Some((s, used)) => (s, used),
+            Some((s, used, _)) => (s, used),
             None => {
                 let io = self.tunnel(t).await?;
                 let (sender, conn) = http1::handshake(io)
@@ -208,10 +257,10 @@ impl Upstream {
         if result.is_ok() && !sender.is_closed() && !retire {
             // Back to the pool: ready again once this response's body is
             // read to the end.
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let list = idle.entry(addr).or_default();
+            let mut pools = lock(&self.pools);
+            let list = pools.http1.entry(addr).or_default();
             if list.len() < MAX_IDLE_PER_ENDPOINT {
-                list.push((sender, used));
+                list.push((sender, used, Instant::now()));
             }
         }
         result.map_err(|source| UpstreamError::Reset { addr, source })
