@@ -68,6 +68,29 @@ impl Limiter {
         self.limits.max_connections - self.connections.available_permits()
     }
 
+    /// The waiting part of a graceful drain (listeners already closed):
+    /// until every connection slot is back or `period` is over. Logs the
+    /// start and the end; returns how many connections were still open.
+    pub async fn drain(&self, period: std::time::Duration) -> usize {
+        let started = tokio::time::Instant::now();
+        tracing::info!(
+            open = self.active(),
+            period_ms = period.as_millis() as u64,
+            "draining: listeners closed, waiting for established connections"
+        );
+        let deadline = started + period;
+        while self.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let left = self.active();
+        tracing::info!(
+            left,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drain over"
+        );
+        left
+    }
+
     /// TLS handshakes in progress now.
     pub fn pending_handshakes(&self) -> usize {
         self.limits.max_pending_handshakes - self.handshakes.available_permits()

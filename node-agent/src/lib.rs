@@ -142,6 +142,13 @@ impl Ctx {
             .count();
         want == local.len() && self.certs.all_ready()
     }
+
+    /// Wait until the agent reports ready.
+    pub async fn wait_ready(&self) {
+        while !self.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Ctx {
@@ -224,9 +231,7 @@ impl AgentHandle {
 
     /// Wait until the agent reports ready.
     pub async fn wait_ready(&self) {
-        while !self.ctx.is_ready() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        self.ctx.wait_ready().await
     }
 
     /// Stop accepting and drop all listeners; established connections end
@@ -249,7 +254,6 @@ impl AgentHandle {
     /// over. Returns how many were still open at the deadline (and are cut
     /// when the caller exits).
     pub async fn drain(&self, period: std::time::Duration) -> usize {
-        let started = std::time::Instant::now();
         self.ctx.shutting_down.send_replace(true);
         if let Some(h) = lock(&self.ctx.handover_server).take() {
             h.stop();
@@ -260,22 +264,7 @@ impl AgentHandle {
         }
         lock(&self.ctx.local).clear();
         lock(&self.ctx.draining).clear();
-        let open = self.ctx.limiter.active();
-        tracing::info!(
-            open,
-            period_ms = period.as_millis() as u64,
-            "draining: listeners closed, waiting for established connections"
-        );
-        let deadline = tokio::time::Instant::now() + period;
-        while self.ctx.limiter.active() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let left = self.ctx.limiter.active();
-        tracing::info!(
-            left,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "drain over"
-        );
+        let left = self.ctx.limiter.drain(period).await;
         self.stop();
         left
     }
@@ -466,12 +455,7 @@ async fn complete_handover(ctx: Arc<Ctx>) {
         // Let the previous agent serve until this one is ready (or clearly
         // stuck: then it serves what it can and the old one drains anyway,
         // rather than both running forever).
-        let ready = async {
-            while !ctx.is_ready() {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        };
-        if tokio::time::timeout(HANDOVER_READY_WAIT, ready)
+        if tokio::time::timeout(HANDOVER_READY_WAIT, ctx.wait_ready())
             .await
             .is_err()
         {

@@ -286,25 +286,9 @@ impl WaypointHandle {
     /// finish — for at most `period`. Returns how many connections and
     /// tunnels were still open at the deadline.
     pub async fn drain(&self, period: Duration) -> usize {
-        let started = std::time::Instant::now();
         self.ctx.shutting_down.send_replace(true);
         self.close_listeners();
-        tracing::info!(
-            open = self.ctx.slots.active(),
-            period_ms = period.as_millis() as u64,
-            "draining: listeners closed, finishing requests in flight"
-        );
-        let deadline = tokio::time::Instant::now() + period;
-        while self.ctx.slots.active() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let left = self.ctx.slots.active();
-        tracing::info!(
-            left,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "drain over"
-        );
-        left
+        self.ctx.slots.drain(period).await
     }
 }
 
