@@ -59,6 +59,27 @@ fn addr(t: &Topology, pod: &str, port: u16) -> SocketAddr {
     SocketAddr::new(t.pod(pod).ip, port)
 }
 
+/// A connection from `pod` to `dst` kept open by the test; reads time out
+/// after 30 s, so a hang shows as a timeout error, told apart from a reset.
+fn open_from(pod: &Pod, dst: SocketAddr) -> std::net::TcpStream {
+    in_ns(&pod.ns, move || {
+        let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok::<_, std::io::Error>(s)
+    })
+    .expect("connect")
+}
+
+/// Write `m` and read the echo of it back, leaving the connection open.
+fn ping(s: &mut std::net::TcpStream, m: &[u8]) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    s.write_all(m)?;
+    let mut back = vec![0; m.len()];
+    s.read_exact(&mut back)?;
+    assert_eq!(back, m);
+    Ok(())
+}
+
 fn payload() -> Vec<u8> {
     let mut v = MARKER.to_vec();
     v.extend(std::iter::repeat_n(b'x', 20000));
@@ -315,29 +336,14 @@ fn agent_down_fails_closed_and_a_restart_recovers_without_stale_state() {
 
 #[test]
 fn sigterm_drains_established_tunnels_and_a_killed_destination_agent_resets_them() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     if !e2e_available() {
         return;
     }
     let mut t = cluster();
     let client = t.pod("client").clone();
     let server = addr(&t, "server", 8080);
-    let open = || {
-        in_ns(&client.ns, move || {
-            let s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
-            // A hang shows as a timeout error, told apart below.
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            Ok::<_, std::io::Error>(s)
-        })
-        .expect("connect")
-    };
-    let ping = |s: &mut std::net::TcpStream, m: &[u8]| -> std::io::Result<()> {
-        s.write_all(m)?;
-        let mut back = vec![0; m.len()];
-        s.read_exact(&mut back)?;
-        assert_eq!(back, m);
-        Ok(())
-    };
+    let open = || open_from(&client, server);
 
     // SIGTERM: the destination agent drains. The established tunnel goes
     // on; a new connection fails (closed, never around the mesh); when the
@@ -396,72 +402,33 @@ fn sigterm_drains_established_tunnels_and_a_killed_destination_agent_resets_them
 /// which they meet with a clean exit.
 #[test]
 fn agents_hand_over_to_successors_under_traffic_and_lose_no_connection() {
-    use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::io::Read;
     if !e2e_available() {
         return;
     }
     let mut t = cluster();
     let client = t.pod("client").clone();
     let server = addr(&t, "server", 8080);
-    let mut live = in_ns(&client.ns, move || {
-        let s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok::<_, std::io::Error>(s)
-    })
-    .expect("connect");
-    let ping = |s: &mut std::net::TcpStream, m: &[u8]| {
-        s.write_all(m).unwrap();
-        let mut back = vec![0; m.len()];
-        s.read_exact(&mut back).unwrap();
-        assert_eq!(back, m);
-    };
-    ping(&mut live, b"before");
+    let mut live = open_from(&client, server);
+    ping(&mut live, b"before").unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (stop, served, failed, client) =
-            (stop.clone(), served.clone(), failed.clone(), client.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                match exchange(&client, server, payload()) {
-                    Ok(back) if back == payload() => served.fetch_add(1, Ordering::SeqCst),
-                    other => {
-                        errors.push(format!("{:?}", other.map(|b| b.len())));
-                        failed.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            errors
-        })
-    };
-    let progress = |after: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while served.load(Ordering::SeqCst) < after + 20 {
-            assert!(std::time::Instant::now() < deadline, "traffic stalled");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let traffic = Traffic::start(&client, server, payload(), Duration::from_millis(10));
     let sniff = Sniffer::start(&t.node("node-a").ns, MARKER);
-    progress(0);
+    traffic.wait_for_more(20);
     // The destination node first, then the client's node (its agent holds
     // the pod's outbound capture listeners and the connection records).
     let old_b = t.upgrade_agent("node-b");
-    progress(served.load(Ordering::SeqCst));
+    traffic.wait_for_more(20);
     let old_a = t.upgrade_agent("node-a");
-    progress(served.load(Ordering::SeqCst));
-    ping(&mut live, b"after both upgrades");
-    stop.store(true, Ordering::SeqCst);
-    let errors = traffic.join().unwrap();
+    traffic.wait_for_more(20);
+    ping(&mut live, b"after both upgrades").unwrap();
+    let (served, failed) = (traffic.served(), traffic.failed());
+    let errors = traffic.stop();
     assert!(
         errors.is_empty(),
         "{} of {} connections failed during the upgrades: {errors:?}\n{}\n{}",
-        failed.load(Ordering::SeqCst),
-        served.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst),
+        failed,
+        served + failed,
         t.agent_log("node-a"),
         t.agent_log("node-b")
     );

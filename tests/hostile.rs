@@ -24,6 +24,14 @@ async fn ping(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Close our side of `s` and see the peer close its side, nothing unread.
+async fn end_cleanly(s: &mut TcpStream) {
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
+
 /// True when the peer refused the connection `s` (reset or closed it)
 /// instead of serving it.
 async fn refused(s: std::io::Result<TcpStream>) -> bool {
@@ -168,15 +176,9 @@ async fn a_graceful_drain_lets_established_connections_finish_and_fails_new_ones
         // The established one still carries bytes both ways.
         ping(&mut live, b"during").await.unwrap();
         // When it ends, the drain is over (well before its 10-minute limit).
-        live.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        live.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty());
+        end_cleanly(&mut live).await;
     };
-    let (left, ()) = tokio::time::timeout(T, async { tokio::join!(drain, body) })
-        .await
-        .expect("the drain ends when the last connection does");
-    assert_eq!(left, 0);
+    assert_eq!(drain_alongside(T, drain, body).await, 0);
 }
 
 /// Hot restart: a second agent for node B takes B's listening sockets over
@@ -237,15 +239,9 @@ async fn a_successor_takes_the_listeners_over_and_no_connection_is_refused_or_cu
                 "traffic stalled after the hand-over"
             );
             ping(&mut live, b"during").await.unwrap();
-            live.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            live.read_to_end(&mut rest).await.unwrap();
-            assert!(rest.is_empty());
+            end_cleanly(&mut live).await;
         };
-        let (left, ()) = tokio::time::timeout(T, async { tokio::join!(drain, body) })
-            .await
-            .expect("the old agent's drain ends with its last connection");
-        assert_eq!(left, 0);
+        assert_eq!(drain_alongside(T, drain, body).await, 0);
         // The old agent is gone for good: the successor serves alone.
         let after = served.load(Ordering::SeqCst);
         assert!(

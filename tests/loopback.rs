@@ -36,15 +36,8 @@ async fn payloads_arrive_byte_exact_both_ways() {
         (&mesh.a, r#"reporter="source""#),
         (&mesh.b, r#"reporter="destination""#),
     ] {
-        let labels = [reporter];
-        let closed = || {
-            scrape(
-                agent.metrics_addr,
-                "istio_tcp_connections_closed_total",
-                &labels,
-            )
-        };
-        wait_for_count(T, 6, closed).await;
+        let name = "istio_tcp_connections_closed_total";
+        wait_for_metric(T, agent.metrics_addr, name, &[reporter], 6).await;
     }
     let (_, a) = http_get(mesh.a.metrics_addr, "/metrics").await;
     let (_, b) = http_get(mesh.b.metrics_addr, "/metrics").await;
@@ -363,14 +356,12 @@ async fn registry_only_refuses_destinations_outside_the_mesh() {
             "reached a destination outside the mesh: {r:?}"
         );
     }
-    let blocked = || {
-        scrape(
-            mesh.a.metrics_addr,
-            "sluice_connections_refused_total",
-            &[r#"reason="egress_blocked""#],
-        )
-    };
-    assert_eq!(wait_for_count(T, 1, blocked).await, 1);
+    let blocked = r#"reason="egress_blocked""#;
+    let name = "sluice_connections_refused_total";
+    assert_eq!(
+        wait_for_metric(T, mesh.a.metrics_addr, name, &[blocked], 1).await,
+        1
+    );
     // Mesh destinations (workload and service address) are unaffected.
     for dst in [mesh.server_addr(), SocketAddr::new(mesh.ip(10), 80)] {
         let s = mesh.connect(dst).await.unwrap();
@@ -393,14 +384,12 @@ async fn destinations_outside_the_mesh_are_passed_through() {
         .unwrap()
         .unwrap();
     assert_eq!(back, b"plain");
-    let closed = || {
-        scrape(
-            mesh.a.metrics_addr,
-            "istio_tcp_connections_closed_total",
-            &[r#"connection_security_policy="unknown""#],
-        )
-    };
-    assert_eq!(wait_for_count(T, 1, closed).await, 1);
+    let plain = r#"connection_security_policy="unknown""#;
+    let name = "istio_tcp_connections_closed_total";
+    assert_eq!(
+        wait_for_metric(T, mesh.a.metrics_addr, name, &[plain], 1).await,
+        1
+    );
     assert_eq!(
         mesh.a.pool_stats().connections_opened,
         0,

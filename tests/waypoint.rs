@@ -775,10 +775,7 @@ async fn a_draining_waypoint_answers_requests_in_flight_then_closes() {
         );
         assert_eq!(client.try_get("/ok").await, None, "the connection lived on");
     };
-    let (left, ()) = tokio::time::timeout(T, async { tokio::join!(drain, body) })
-        .await
-        .expect("the drain ends with the last tunnel");
-    assert_eq!(left, 0);
+    assert_eq!(drain_alongside(T, drain, body).await, 0);
 }
 
 /// The waypoint's kept-alive upstream connections (each a tunnel through
@@ -790,19 +787,14 @@ async fn idle_upstream_connections_are_closed() {
     let mut client = Client::new(&s.mesh).await;
     assert_eq!(client.get("/ok", &[]).await.0, 200);
     drop(client);
-    let closed_at_b = || {
-        scrape(
-            s.mesh.b.metrics_addr,
-            "istio_tcp_connections_closed_total",
-            &[r#"source_principal="spiffe://cluster.local/ns/shop/sa/waypoint""#],
-        )
-    };
+    let (b, name) = (s.mesh.b.metrics_addr, "istio_tcp_connections_closed_total");
+    let from_waypoint = [r#"source_principal="spiffe://cluster.local/ns/shop/sa/waypoint""#];
     // Kept for reuse at first…
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(closed_at_b().await, 0);
+    assert_eq!(scrape(b, name, &from_waypoint).await, 0);
     // …closed after the idle timeout.
     let limit = waypoint::upstream::IDLE_TIMEOUT + Duration::from_secs(10);
-    let n = wait_for_count(limit, 1, closed_at_b).await;
+    let n = wait_for_metric(limit, b, name, &from_waypoint, 1).await;
     let (_, text) = http_get(s.mesh.b.metrics_addr, "/metrics").await;
     assert_eq!(n, 1, "{text}");
 }

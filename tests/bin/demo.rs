@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use sluice_tests::netns::{e2e_available, echo_in, exchange, http_in, Topology};
+use sluice_tests::netns::{e2e_available, echo_in, exchange, http_in, Topology, Traffic};
 use sluice_tests::write_atomic;
 
 static TOPOLOGY: Mutex<Option<Topology>> = Mutex::new(None);
@@ -49,8 +49,6 @@ authorizationPolicies:
 /// Replace node-b's agent by a new process while frontend keeps opening
 /// connections to reviews on node-b; report what the clients saw.
 fn hot_restart() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     use std::time::Duration;
     let mut guard = TOPOLOGY.lock().unwrap();
     let Some(t) = guard.as_mut() else { return };
@@ -59,29 +57,14 @@ fn hot_restart() {
         t.pod("frontend").clone(),
         SocketAddr::new(t.pod("reviews").ip, 8080),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            let data = vec![b'h'; 10_000];
-            while !stop.load(Ordering::SeqCst) {
-                let n = match exchange(&from, dst, data.clone()) {
-                    Ok(back) if back == data => &ok,
-                    _ => &failed,
-                };
-                n.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
+    let traffic = Traffic::start(&from, dst, vec![b'h'; 10_000], Duration::from_millis(10));
     std::thread::sleep(Duration::from_millis(500));
     let started = std::time::Instant::now();
     let old = t.upgrade_agent("node-b");
     let took = started.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let _ = traffic.join();
+    let (served, failed) = (traffic.served(), traffic.failed());
+    traffic.stop();
     // The old agent drained and idles until its pod would be deleted.
     t.terminate(old);
     // It finishes its drain once the tunnels it still carries end (the
@@ -99,8 +82,7 @@ fn hot_restart() {
     );
     println!(
         "connections from frontend during the upgrade: {} served, {} failed",
-        ok.load(Ordering::SeqCst),
-        failed.load(Ordering::SeqCst)
+        served, failed
     );
 }
 

@@ -306,6 +306,32 @@ pub async fn scrape(addr: SocketAddr, name: &str, labels: &[&str]) -> u64 {
     metric(&body, name, labels)
 }
 
+/// Poll metric `name` (with `labels`) at `addr` until it reaches `want`
+/// or `limit` passes; its last value.
+pub async fn wait_for_metric(
+    limit: Duration,
+    addr: SocketAddr,
+    name: &str,
+    labels: &[&str],
+    want: u64,
+) -> u64 {
+    wait_for_count(limit, want, || scrape(addr, name, labels)).await
+}
+
+/// Run a graceful `drain` alongside `body` (which ends the connections the
+/// drain waits for); what the drain left open. Panics unless both finish
+/// within `limit`.
+pub async fn drain_alongside(
+    limit: Duration,
+    drain: impl std::future::Future<Output = usize>,
+    body: impl std::future::Future<Output = ()>,
+) -> usize {
+    let (left, ()) = tokio::time::timeout(limit, async { tokio::join!(drain, body) })
+        .await
+        .expect("the drain ends when its last connection does");
+    left
+}
+
 /// Poll `f` until it returns true or `limit` passes.
 pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;

@@ -832,6 +832,74 @@ pub fn exchange(pod: &Pod, dst: SocketAddr, data: Vec<u8>) -> std::io::Result<Ve
     })
 }
 
+/// New connections from `pod` to `dst`, one after another (each sends
+/// `data` and must get it back), on a thread until stopped: what a client
+/// sees while agents restart or are replaced.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Traffic {
+    /// Start, pausing `pause` between connections.
+    pub fn start(pod: &Pod, dst: SocketAddr, data: Vec<u8>, pause: Duration) -> Traffic {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, ok, bad, pod) = (stop.clone(), served.clone(), failed.clone(), pod.clone());
+        let thread = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !s.load(Ordering::SeqCst) {
+                match exchange(&pod, dst, data.clone()) {
+                    Ok(back) if back == data => ok.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        errors.push(format!("{:?}", other.map(|b| b.len())));
+                        bad.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                std::thread::sleep(pause);
+            }
+            errors
+        });
+        Traffic {
+            stop,
+            served,
+            failed,
+            thread,
+        }
+    }
+
+    /// Connections served so far.
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// Connections that failed so far.
+    pub fn failed(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Wait (up to 30 s, else panic) until `more` connections beyond those
+    /// served so far are served.
+    pub fn wait_for_more(&self, more: usize) {
+        let want = self.served() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.served() < want {
+            assert!(Instant::now() < deadline, "traffic stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stop; the errors of the failed connections.
+    pub fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("traffic thread")
+    }
+}
+
 /// Sniff every packet seen in namespace `ns` (all interfaces) until
 /// `stop` is set; returns whether `needle` appeared in any of them.
 pub struct Sniffer {
