@@ -266,6 +266,96 @@ impl RequestMetrics {
     }
 }
 
+/// Label set of configuration updates (`applied`, `rejected`, `partial`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Label set of dry-run outcomes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DryRunLabels {
+    /// `namespace/name` of the dry-run policy.
+    pub policy: String,
+    /// `allow` or `deny`: what it would have decided.
+    pub decision: &'static str,
+}
+
+/// Label set of rejected configuration objects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+/// Policy and configuration health, the same in the node agent and the
+/// waypoint: what dry-run policies would have decided, and how many
+/// objects could not be read (alert when above 0: each one fails closed or
+/// is left out).
+#[derive(Clone, Default)]
+pub struct PolicyMetrics {
+    pub dry_run: Family<DryRunLabels, Counter>,
+    pub rejected_objects: Family<KindLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Kinds the gauge has a series for (set back to 0 when fixed).
+    kinds: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
+}
+
+impl PolicyMetrics {
+    /// Create the metrics and register them (`sluice_` prefix).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("sluice");
+        r.register(
+            "policy_dry_run",
+            "What AuthorizationPolicies annotated istio.io/dry-run would have decided, had they been enforced",
+            m.dry_run.clone(),
+        );
+        r.register(
+            "config_rejected_objects",
+            "Configuration objects that could not be read, by kind (a policy among them fails closed in its scope; alert when above 0)",
+            m.rejected_objects.clone(),
+        );
+        // The policy kinds have a series from the start, for alerts.
+        m.set_rejected(std::iter::empty());
+        m
+    }
+
+    /// Count what each dry-run policy would have decided for one
+    /// connection or request, and log the would-be denials.
+    pub fn record_dry_run(&self, outcomes: &[crate::policy::DryRun], what: &dyn std::fmt::Display) {
+        for o in outcomes {
+            let decision = if o.allowed { "allow" } else { "deny" };
+            self.dry_run
+                .get_or_create(&DryRunLabels {
+                    policy: o.policy.clone(),
+                    decision,
+                })
+                .inc();
+            if o.allowed {
+                tracing::debug!(policy = %o.policy, %what, "dry-run policy would allow");
+            } else {
+                tracing::info!(policy = %o.policy, %what, "dry-run policy would deny (not enforced)");
+            }
+        }
+    }
+
+    /// Set the number of rejected objects per kind to what `kinds` holds
+    /// (one item per object); kinds no longer listed go back to 0.
+    pub fn set_rejected(&self, kinds: impl IntoIterator<Item = &'static str>) {
+        let mut counts: std::collections::BTreeMap<&'static str, i64> = Default::default();
+        for k in kinds {
+            *counts.entry(k).or_default() += 1;
+        }
+        let mut known = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        known.extend(["AuthorizationPolicy", "PeerAuthentication"]);
+        known.extend(counts.keys());
+        for k in known.iter() {
+            self.rejected_objects
+                .get_or_create(&KindLabels { kind: k })
+                .set(counts.get(k).copied().unwrap_or(0));
+        }
+    }
+}
+
 /// Render a registry in the Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();

@@ -1,23 +1,37 @@
-//! L4 policy evaluation, with Istio's semantics as ztunnel applies them:
-//! a pure function of (model, connection) so it is testable in isolation,
-//! cheap on the data path, and the same for a dry run and for enforcement.
+//! Policy evaluation with Istio's semantics: a pure function of (model,
+//! connection or request) so it is testable in isolation, cheap on the data
+//! path, and the same for a dry run and for enforcement.
 //!
-//! AuthorizationPolicy: the policies that apply to the destination workload
-//! are those of the root namespace and of the workload's namespace whose
-//! selector matches (policies attached with `targetRef(s)` are for
-//! waypoints). CUSTOM and DENY are checked first — a match denies —, AUDIT
-//! only marks, then ALLOW: if any ALLOW policy applies, one of its rules must
-//! match. L7-only attributes cannot be checked here and never widen access:
-//! an ALLOW rule that uses them does not match, a DENY rule is enforced on
-//! its L4 part alone; either way the policy is reported as needing a
-//! waypoint.
+//! AuthorizationPolicy at the node agent (L4), as istiod translates a
+//! policy for ztunnel and ztunnel enforces it: the policies that apply to
+//! the destination workload are those of the root namespace and of the
+//! workload's namespace whose selector matches (policies attached with
+//! `targetRef(s)` are for waypoints). CUSTOM and DENY are checked first — a
+//! match denies —, AUDIT only marks, then ALLOW: if any ALLOW policy
+//! applies, one of its rules must match. Attributes that only an L7 proxy
+//! can see (`methods`, `paths`, `hosts`, `requestPrincipals`,
+//! `remoteIpBlocks`, `when` keys other than `source.ip`,
+//! `source.namespace`, `source.principal`, `destination.ip` and
+//! `destination.port`) never widen access and never deny more than Istio:
+//! - an ALLOW rule that uses any of them does not match;
+//! - in a DENY (or AUDIT) rule, a `source` or `operation` is checked on its
+//!   L4 fields; one with only L7 fields is an empty match that never
+//!   matches, so a `from` or `to` made only of such entries, or any L7
+//!   `when` condition, makes the rule never match at L4 (istiod turns such
+//!   clauses into empty matches and ztunnel skips empty matches);
+//! - CUSTOM (which Istio's node proxy ignores) is Sluice's deliberate
+//!   difference: with no external authorizer at L4, a rule denies on its L4
+//!   part alone, the L7 part being assumed to match (fail closed).
+//!
+//! A policy annotated `istio.io/dry-run: "true"` is evaluated but never
+//! enforced: [`Decision::dry_run`] says what it would have decided.
 //!
 //! At a waypoint the same rules are evaluated with the request's HTTP
-//! attributes (`methods`, `paths`, `hosts`, `request.headers[…]`), for the
-//! policies attached to the waypoint or the service ([`waypoint_policies`]).
+//! attributes, for the policies attached to the waypoint or the service
+//! ([`waypoint_policies`]).
 //!
-//! PeerAuthentication: workload (port-level first), then namespace, then
-//! mesh-wide; PERMISSIVE when nothing is set.
+//! PeerAuthentication ([`mtls_mode`]): workload policy (port-level first),
+//! then namespace, then mesh-wide; PERMISSIVE when nothing is set.
 
 use std::net::IpAddr;
 
@@ -73,11 +87,21 @@ impl RequestInfo<'_> {
     }
 
     /// The source namespace (from the identity); empty for plaintext.
-    fn source_namespace(&self) -> String {
+    fn source_namespace(&self) -> &str {
         self.source_identity
-            .map(|i| i.namespace().to_string())
+            .map(SpiffeId::namespace)
             .unwrap_or_default()
     }
+}
+
+/// What a dry-run policy would have decided, had it been enforced (with
+/// every enforced policy as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRun {
+    /// `namespace/name`.
+    pub policy: String,
+    pub allowed: bool,
 }
 
 /// The outcome of authorization.
@@ -93,10 +117,9 @@ pub struct Decision {
     pub audited: Vec<String>,
     /// Applicable policies with L7-only attributes (enforce them with a waypoint).
     pub needs_waypoint: Vec<String>,
-}
-
-fn name(p: &AuthorizationPolicy) -> String {
-    format!("{}/{}", p.metadata.namespace, p.metadata.name)
+    /// Applicable dry-run policies and what each would have decided.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dry_run: Vec<DryRun>,
 }
 
 /// The AuthorizationPolicies that apply to `w` at the node agent.
@@ -177,72 +200,73 @@ pub fn matching_custom<'a>(
 ) -> Vec<&'a AuthorizationPolicy> {
     policies
         .iter()
-        .filter(|p| p.spec.action == AuthorizationAction::Custom)
-        .filter(|p| {
-            p.spec
-                .rules
-                .iter()
-                .flatten()
-                .any(|r| rule_matches(r, c, Mode::DenyL4Only))
-        })
+        .filter(|p| p.spec.action == AuthorizationAction::Custom && policy_matches(p, c))
         .copied()
         .collect()
 }
 
 /// Decide a request against `policies` with Istio's order: CUSTOM and
 /// DENY first, AUDIT marks, then ALLOW. Without HTTP attributes (L4),
-/// L7-only rule parts never widen access.
+/// L7-only rule parts never widen access (see the module documentation).
+/// Dry-run policies are left out of the decision; each one's would-be
+/// decision is in [`Decision::dry_run`].
 pub fn evaluate(policies: &[&AuthorizationPolicy], c: &RequestInfo<'_>) -> Decision {
+    let (dry, enforced): (Vec<&AuthorizationPolicy>, Vec<&AuthorizationPolicy>) =
+        policies.iter().partition(|p| p.is_dry_run());
+    let mut d = decide(&enforced, c);
+    for p in dry {
+        let mut with = enforced.clone();
+        with.push(p);
+        d.dry_run.push(DryRun {
+            policy: p.key(),
+            allowed: decide(&with, c).allowed,
+        });
+    }
+    d
+}
+
+/// [`evaluate`] on enforced policies only.
+fn decide(policies: &[&AuthorizationPolicy], c: &RequestInfo<'_>) -> Decision {
     let mut d = Decision {
         allowed: true,
         policy: None,
         reason: String::new(),
         audited: vec![],
         needs_waypoint: vec![],
+        dry_run: vec![],
     };
-    for p in policies.iter().filter(|_| c.http.is_none()) {
-        if has_l7_rules(p) {
-            d.needs_waypoint.push(name(p));
-        }
+    if c.http.is_none() {
+        d.needs_waypoint = policies
+            .iter()
+            .filter(|p| has_l7_rules(p))
+            .map(|p| p.key())
+            .collect();
     }
     // CUSTOM needs an external authorizer, which only a waypoint has: a
     // match denies rather than letting the connection through unchecked.
     for action in [AuthorizationAction::Custom, AuthorizationAction::Deny] {
-        for p in policies.iter().filter(|p| p.spec.action == action) {
-            if p.spec
-                .rules
-                .iter()
-                .flatten()
-                .any(|r| rule_matches(r, c, Mode::DenyL4Only))
-            {
-                d.allowed = false;
-                d.policy = Some(name(p));
-                d.reason = format!(
-                    "denied by {} policy {}",
-                    if action == AuthorizationAction::Deny {
-                        "DENY"
-                    } else {
-                        "CUSTOM (no external authorizer at L4)"
-                    },
-                    name(p)
-                );
-                return d;
-            }
-        }
-    }
-    for p in policies
-        .iter()
-        .filter(|p| p.spec.action == AuthorizationAction::Audit)
-    {
-        if p.spec
-            .rules
+        if let Some(p) = policies
             .iter()
-            .flatten()
-            .any(|r| rule_matches(r, c, Mode::DenyL4Only))
+            .find(|p| p.spec.action == action && policy_matches(p, c))
         {
-            d.audited.push(name(p));
+            d.allowed = false;
+            d.policy = Some(p.key());
+            d.reason = match (&p.rejected, action) {
+                (Some(why), _) => unreadable(p, why),
+                (None, AuthorizationAction::Deny) => format!("denied by DENY policy {}", p.key()),
+                (None, _) => format!(
+                    "denied by CUSTOM policy {} (no external authorizer at L4)",
+                    p.key()
+                ),
+            };
+            return d;
         }
     }
+    d.audited = policies
+        .iter()
+        .filter(|p| p.spec.action == AuthorizationAction::Audit && policy_matches(p, c))
+        .map(|p| p.key())
+        .collect();
     let allows: Vec<&&AuthorizationPolicy> = policies
         .iter()
         .filter(|p| p.spec.action == AuthorizationAction::Allow)
@@ -251,24 +275,23 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], c: &RequestInfo<'_>) -> Decis
         d.reason = "no ALLOW policy applies".into();
         return d;
     }
-    for p in &allows {
-        if p.spec
-            .rules
-            .iter()
-            .flatten()
-            .any(|r| rule_matches(r, c, Mode::AllowStrict))
-        {
-            d.policy = Some(name(p));
-            d.reason = format!("allowed by ALLOW policy {}", name(p));
-            return d;
-        }
+    if let Some(p) = allows.iter().find(|p| policy_matches(p, c)) {
+        d.policy = Some(p.key());
+        d.reason = format!("allowed by ALLOW policy {}", p.key());
+        return d;
     }
     d.allowed = false;
+    if let Some(p) = allows.iter().find(|p| p.rejected.is_some()) {
+        // Name the unreadable policy: that is what the operator must fix.
+        d.policy = Some(p.key());
+        d.reason = unreadable(p, p.rejected.as_deref().unwrap_or_default());
+        return d;
+    }
     d.reason = format!(
         "no rule of the ALLOW policies ({}) matches",
         allows
             .iter()
-            .map(|p| name(p))
+            .map(|p| p.key())
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -279,12 +302,20 @@ pub fn evaluate(policies: &[&AuthorizationPolicy], c: &RequestInfo<'_>) -> Decis
     d
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// ALLOW: a rule with L7 attributes does not match.
-    AllowStrict,
-    /// DENY/CUSTOM/AUDIT: L7 attributes are ignored, the L4 part decides.
-    DenyL4Only,
+fn unreadable(p: &AuthorizationPolicy, why: &str) -> String {
+    format!(
+        "policy {} could not be read and denies in its scope until fixed: {why}",
+        p.key()
+    )
+}
+
+/// Whether one of the policy's rules matches.
+fn policy_matches(p: &AuthorizationPolicy, c: &RequestInfo<'_>) -> bool {
+    p.spec
+        .rules
+        .iter()
+        .flatten()
+        .any(|r| rule_matches(r, c, p.spec.action, &p.metadata.namespace))
 }
 
 /// Whether any rule of `p` uses attributes only a waypoint can check.
@@ -293,10 +324,29 @@ pub fn has_l7_rules(p: &AuthorizationPolicy) -> bool {
 }
 
 fn has_l7(r: &Rule) -> bool {
-    r.from.iter().any(|f| {
-        !f.source.request_principals.is_empty() || !f.source.not_request_principals.is_empty()
-    }) || r.to.iter().any(|t| op_has_l7(&t.operation))
+    r.from.iter().any(|f| source_has_l7(&f.source))
+        || r.to.iter().any(|t| op_has_l7(&t.operation))
         || r.when.iter().any(|w| !is_l4_key(&w.key))
+}
+
+fn source_has_l7(s: &Source) -> bool {
+    !(s.request_principals.is_empty()
+        && s.not_request_principals.is_empty()
+        && s.remote_ip_blocks.is_empty()
+        && s.not_remote_ip_blocks.is_empty())
+}
+
+/// A `source` with none of the fields a node agent can check (istiod
+/// makes it an empty match, which ztunnel never matches).
+fn source_l4_empty(s: &Source) -> bool {
+    s.principals.is_empty()
+        && s.not_principals.is_empty()
+        && s.namespaces.is_empty()
+        && s.not_namespaces.is_empty()
+        && s.service_accounts.is_empty()
+        && s.not_service_accounts.is_empty()
+        && s.ip_blocks.is_empty()
+        && s.not_ip_blocks.is_empty()
 }
 
 fn op_has_l7(o: &Operation) -> bool {
@@ -308,11 +358,17 @@ fn op_has_l7(o: &Operation) -> bool {
         && o.not_paths.is_empty())
 }
 
+/// An `operation` with no ports: nothing a node agent can check.
+fn op_l4_empty(o: &Operation) -> bool {
+    o.ports.is_empty() && o.not_ports.is_empty()
+}
+
+/// The `when` keys a node agent can check (istiod's list for ztunnel;
+/// `remote.ip` comes from X-Forwarded-For and is L7).
 fn is_l4_key(k: &str) -> bool {
     matches!(
         k,
         "source.ip"
-            | "remote.ip"
             | "source.namespace"
             | "source.principal"
             | "destination.ip"
@@ -320,24 +376,125 @@ fn is_l4_key(k: &str) -> bool {
     )
 }
 
-fn rule_matches(r: &Rule, c: &RequestInfo<'_>, mode: Mode) -> bool {
-    if c.http.is_none() && mode == Mode::AllowStrict && has_l7(r) {
-        return false;
+/// The parts of a DENY or AUDIT policy that have no effect at a node
+/// agent: for each rule that can never match there, the clause that makes
+/// it so and its L7 attributes (`rules[0].to: methods, paths`). Istio says
+/// the same of such a policy in its status; Sluice logs it, counts it and
+/// `analyze` reports it.
+pub fn ineffective_at_l4(p: &AuthorizationPolicy) -> Vec<String> {
+    if !matches!(
+        p.spec.action,
+        AuthorizationAction::Deny | AuthorizationAction::Audit
+    ) {
+        return vec![];
     }
-    (r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, c)))
-        && (r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, c)))
-        && r.when
-            .iter()
-            .filter(|w| c.http.is_some() || is_l4_key(&w.key))
-            .all(|w| condition_matches(w, c))
+    let mut out = vec![];
+    for (i, r) in p.spec.rules.iter().flatten().enumerate() {
+        let mut l7 = vec![];
+        if !r.from.is_empty() && r.from.iter().all(|f| source_l4_empty(&f.source)) {
+            l7.push(format!("from: {}", l7_source_fields(&r.from).join(", ")));
+        }
+        if !r.to.is_empty() && r.to.iter().all(|t| op_l4_empty(&t.operation)) {
+            l7.push(format!("to: {}", l7_op_fields(&r.to).join(", ")));
+        }
+        for (j, w) in r.when.iter().enumerate() {
+            if !is_l4_key(&w.key) {
+                l7.push(format!("when[{j}]: {}", w.key));
+            }
+        }
+        if !l7.is_empty() {
+            out.push(format!("rules[{i}] ({})", l7.join("; ")));
+        }
+    }
+    out
 }
 
+fn l7_source_fields(from: &[crate::model::policy::RuleFrom]) -> Vec<&'static str> {
+    let mut names = vec![];
+    for f in from {
+        let s = &f.source;
+        for (set, name) in [
+            (!s.request_principals.is_empty(), "requestPrincipals"),
+            (!s.not_request_principals.is_empty(), "notRequestPrincipals"),
+            (!s.remote_ip_blocks.is_empty(), "remoteIpBlocks"),
+            (!s.not_remote_ip_blocks.is_empty(), "notRemoteIpBlocks"),
+        ] {
+            if set && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+fn l7_op_fields(to: &[crate::model::policy::RuleTo]) -> Vec<&'static str> {
+    let mut names = vec![];
+    for t in to {
+        let o = &t.operation;
+        for (set, name) in [
+            (!o.hosts.is_empty(), "hosts"),
+            (!o.not_hosts.is_empty(), "notHosts"),
+            (!o.methods.is_empty(), "methods"),
+            (!o.not_methods.is_empty(), "notMethods"),
+            (!o.paths.is_empty(), "paths"),
+            (!o.not_paths.is_empty(), "notPaths"),
+        ] {
+            if set && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// One rule against one request. `ns` is the policy's namespace (the
+/// default namespace of `serviceAccounts` entries).
+fn rule_matches(r: &Rule, c: &RequestInfo<'_>, action: AuthorizationAction, ns: &str) -> bool {
+    if c.http.is_some() {
+        // A waypoint sees every attribute.
+        return (r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, c, ns)))
+            && (r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, c)))
+            && r.when.iter().all(|w| condition_matches(w, c, ns));
+    }
+    match action {
+        AuthorizationAction::Allow => {
+            !has_l7(r)
+                && (r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, c, ns)))
+                && (r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, c)))
+                && r.when.iter().all(|w| condition_matches(w, c, ns))
+        }
+        AuthorizationAction::Deny | AuthorizationAction::Audit => {
+            // Entries with no L4 field are empty matches: they never match.
+            (r.from.is_empty()
+                || r.from
+                    .iter()
+                    .any(|f| !source_l4_empty(&f.source) && source_matches(&f.source, c, ns)))
+                && (r.to.is_empty()
+                    || r.to
+                        .iter()
+                        .any(|t| !op_l4_empty(&t.operation) && operation_matches(&t.operation, c)))
+                && r.when
+                    .iter()
+                    .all(|w| is_l4_key(&w.key) && condition_matches(w, c, ns))
+        }
+        AuthorizationAction::Custom => {
+            // Fail closed: the unknown L7 part is taken to match.
+            (r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, c, ns)))
+                && (r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, c)))
+                && r.when
+                    .iter()
+                    .all(|w| !is_l4_key(&w.key) || condition_matches(w, c, ns))
+        }
+    }
+}
+
+/// An operation against a request; at L4 only its ports are known (the
+/// caller decides what an unknown L7 part means).
 fn operation_matches(o: &Operation, c: &RequestInfo<'_>) -> bool {
     if !ports_match(o, c.destination_port) {
         return false;
     }
     let Some(h) = &c.http else {
-        // L4: the L7 part is unknown and ignored (see Mode).
         return true;
     };
     let host_only = h.host.rsplit_once(':').map_or(h.host, |(host, port)| {
@@ -389,31 +546,50 @@ fn ip_match(blocks: &[String], ip: IpAddr) -> bool {
         .any(|net| net.contains(&ip))
 }
 
+/// `serviceAccounts` entries (`ns/sa`, or `sa` in the policy's namespace)
+/// against the peer's identity: exact match, as Istio defines them.
+fn service_account_match(entries: &[String], id: Option<&SpiffeId>, ns: &str) -> bool {
+    let Some(id) = id else {
+        return false;
+    };
+    entries.iter().any(|e| {
+        let (want_ns, want_sa) = e.split_once('/').unwrap_or((ns, e.as_str()));
+        id.namespace() == want_ns && id.service_account() == want_sa
+    })
+}
+
 /// Field absent → matches; positive list → one must match; negative list →
 /// none may match.
 fn field(pos: &[String], neg: &[String], m: impl Fn(&[String]) -> bool) -> bool {
     (pos.is_empty() || m(pos)) && (neg.is_empty() || !m(neg))
 }
 
-fn source_matches(s: &Source, c: &RequestInfo<'_>) -> bool {
+/// A source against a request; at L4 its L7 fields are unknown and left
+/// out (the caller decides what an entry with only L7 fields means).
+fn source_matches(s: &Source, c: &RequestInfo<'_>, ns: &str) -> bool {
     // Plaintext has no principal and no namespace: positive lists cannot
     // match it, negative ones do not exclude it.
     let (principal, namespace) = (c.principal(), c.source_namespace());
-    field(&s.principals, &s.not_principals, |l| {
+    let l4 = field(&s.principals, &s.not_principals, |l| {
         any_match(l, &principal)
     }) && field(&s.namespaces, &s.not_namespaces, |l| {
-        any_match(l, &namespace)
-    }) && field(&s.ip_blocks, &s.not_ip_blocks, |l| ip_match(l, c.source_ip))
-        // No JWT support: every request has an empty request principal, so
-        // `requestPrincipals` never matches and `notRequestPrincipals`
-        // always does (a policy requiring a JWT denies, never lets through).
-        && (c.http.is_none()
-            || field(&s.request_principals, &s.not_request_principals, |l| {
-                any_match(l, "")
-            }))
-        && field(&s.remote_ip_blocks, &s.not_remote_ip_blocks, |l| {
-            ip_match(l, c.source_ip)
-        })
+        any_match(l, namespace)
+    }) && field(&s.service_accounts, &s.not_service_accounts, |l| {
+        service_account_match(l, c.source_identity, ns)
+    }) && field(&s.ip_blocks, &s.not_ip_blocks, |l| ip_match(l, c.source_ip));
+    if c.http.is_none() {
+        return l4;
+    }
+    // No JWT support: every request has an empty request principal, so
+    // `requestPrincipals` never matches and `notRequestPrincipals` always
+    // does (a policy requiring a JWT denies, never lets through). The
+    // remote address is the client's: no proxy in between is trusted to
+    // set X-Forwarded-For.
+    l4 && field(&s.request_principals, &s.not_request_principals, |l| {
+        any_match(l, "")
+    }) && field(&s.remote_ip_blocks, &s.not_remote_ip_blocks, |l| {
+        ip_match(l, c.source_ip)
+    })
 }
 
 fn ports_match(o: &Operation, port: u16) -> bool {
@@ -421,7 +597,10 @@ fn ports_match(o: &Operation, port: u16) -> bool {
     field(&o.ports, &o.not_ports, has)
 }
 
-fn condition_matches(w: &Condition, c: &RequestInfo<'_>) -> bool {
+/// One `when` condition. Keys without a value at hand (JWT claims, SNI,
+/// Envoy filter metadata) read as empty: their `values` never match,
+/// their `notValues` always do.
+fn condition_matches(w: &Condition, c: &RequestInfo<'_>, ns: &str) -> bool {
     let (principal, namespace) = (c.principal(), c.source_namespace());
     let m = |l: &[String]| -> bool {
         if let (Some(h), Some(name)) = (
@@ -444,54 +623,82 @@ fn condition_matches(w: &Condition, c: &RequestInfo<'_>) -> bool {
                 .iter()
                 .any(|p| parse_port(p).ok() == Some(c.destination_port)),
             "source.principal" => any_match(l, &principal),
-            "source.namespace" => any_match(l, &namespace),
-            _ => false,
+            "source.namespace" => any_match(l, namespace),
+            "source.serviceAccount" => service_account_match(l, c.source_identity, ns),
+            _ => any_match(l, ""),
         }
     };
     field(&w.values, &w.not_values, m)
 }
 
-/// The mutual-TLS mode in force for `w` on `port`, and the policy that set it.
-pub fn mtls_mode(model: &MeshModel, w: &Workload, port: u16) -> (MtlsMode, Option<String>) {
-    let pa_name =
-        |p: &PeerAuthentication| Some(format!("{}/{}", p.metadata.namespace, p.metadata.name));
-    let resolve = |m: MtlsMode| if m == MtlsMode::Unset { None } else { Some(m) };
-    // Workload level: port-level setting first, then the policy's own.
-    let workload_level = model
-        .peer_authentications
-        .iter()
-        .filter(|p| {
-            p.metadata.namespace == w.namespace || p.metadata.namespace == model.root_namespace
-        })
-        .filter(|p| {
-            p.spec
+/// The PeerAuthentications that decide `w`'s mutual-TLS mode, as Istio
+/// picks them: the oldest workload policy of `w`'s namespace whose
+/// selector (with labels) matches, the oldest namespace-wide one (no
+/// selector, or one without labels) and the oldest mesh-wide one (the
+/// root namespace, no selector). A policy that could not be read comes
+/// first in its scope. Root-namespace policies with a selector are ignored,
+/// as in Istio.
+pub fn peer_authentications_for<'a>(
+    model: &'a MeshModel,
+    w: &Workload,
+) -> [Option<&'a PeerAuthentication>; 3] {
+    let pick = |f: &dyn Fn(&PeerAuthentication) -> bool| {
+        model
+            .peer_authentications
+            .iter()
+            .filter(|p| f(p))
+            .min_by(|a, b| {
+                (a.rejected.is_none(), a.metadata.precedence())
+                    .cmp(&(b.rejected.is_none(), b.metadata.precedence()))
+            })
+    };
+    let root = &model.root_namespace;
+    let workload = pick(&|p| {
+        p.metadata.namespace == w.namespace
+            && &p.metadata.namespace != root
+            && p.selects_workloads()
+            && p.spec
                 .selector
                 .as_ref()
                 .is_some_and(|s| s.matches(&w.labels))
-        });
-    for p in workload_level {
+    });
+    let namespace = pick(&|p| {
+        p.metadata.namespace == w.namespace
+            && &p.metadata.namespace != root
+            && !p.selects_workloads()
+    });
+    let mesh = pick(&|p| &p.metadata.namespace == root && p.spec.selector.is_none());
+    [workload, namespace, mesh]
+}
+
+/// The mutual-TLS mode in force for `w` on `port`, and the policy that set
+/// it: the workload policy's port-level mode, then its own mode, then the
+/// namespace's, then the mesh's (UNSET inherits); PERMISSIVE when nothing
+/// is set.
+///
+/// Where Istio's ambient translation is inconsistent, the stricter reading
+/// wins (and `analyze` warns): a port-level DISABLE under a workload policy
+/// without a mode of its own is ignored (istiod drops it when the inherited
+/// mode is STRICT), so the port inherits.
+pub fn mtls_mode(model: &MeshModel, w: &Workload, port: u16) -> (MtlsMode, Option<String>) {
+    let resolve = |m: MtlsMode| (m != MtlsMode::Unset).then_some(m);
+    let [workload, namespace, mesh] = peer_authentications_for(model, w);
+    if let Some(p) = workload {
+        let own = p.spec.mtls.map(|m| m.mode).unwrap_or_default();
         let port_mode = p
             .spec
             .port_level_mtls
             .iter()
             .find(|(k, _)| parse_port(k).ok() == Some(port))
-            .map(|(_, m)| m.mode);
-        if let Some(m) = port_mode
-            .and_then(resolve)
-            .or_else(|| p.spec.mtls.and_then(|m| resolve(m.mode)))
-        {
-            return (m, pa_name(p));
+            .map(|(_, m)| m.mode)
+            .filter(|m| !(own == MtlsMode::Unset && *m == MtlsMode::Disable));
+        if let Some(m) = port_mode.and_then(resolve).or_else(|| resolve(own)) {
+            return (m, Some(p.key()));
         }
     }
-    for ns in [&w.namespace, &model.root_namespace] {
-        if let Some(p) = model
-            .peer_authentications
-            .iter()
-            .find(|p| &p.metadata.namespace == ns && p.spec.selector.is_none())
-        {
-            if let Some(m) = p.spec.mtls.and_then(|m| resolve(m.mode)) {
-                return (m, pa_name(p));
-            }
+    for p in [namespace, mesh].into_iter().flatten() {
+        if let Some(m) = p.spec.mtls.and_then(|m| resolve(m.mode)) {
+            return (m, Some(p.key()));
         }
     }
     (MtlsMode::Permissive, None)
@@ -648,36 +855,331 @@ workloads:
         );
     }
 
+    /// Istio: an ALLOW rule with any HTTP attribute is omitted for ztunnel
+    /// (istiod `handleRule`: "L7 policies never match for ALLOW"), so an
+    /// ALLOW policy made only of such rules allows nothing at L4.
     #[test]
-    fn l7_attributes_never_widen_access() {
+    fn an_allow_rule_with_l7_attributes_never_matches_at_l4() {
         let m = model(
             r#"authorizationPolicies:
   - metadata: {name: allow-get, namespace: foo}
     spec: {rules: [{to: [{operation: {methods: [GET]}}]}]}
-  - metadata: {name: deny-post-from-bar, namespace: foo}
-    spec:
-      selector: {matchLabels: {app: db}}
-      action: DENY
-      rules: [{from: [{source: {namespaces: [bar]}}], to: [{operation: {methods: [POST]}}]}]
 "#,
         );
-        // ALLOW with only L7 rules: nothing matches at L4 → denied, reported.
         let d = check(&m, Some(&id("foo", "a")), "1.1.1.1", "web", 80);
         assert!(!d.allowed);
         assert_eq!(d.needs_waypoint, vec!["foo/allow-get".to_string()]);
         assert!(d.reason.contains("need a waypoint"), "{}", d.reason);
-        // DENY with L7: enforced on its L4 part (all of bar is denied).
-        let d = check(&m, Some(&id("bar", "sleep")), "1.1.1.1", "db", 80);
-        assert!(!d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("foo/deny-post-from-bar"));
-        // Not from bar: the DENY does not match; the L7-only ALLOW (no
-        // selector, so it covers db too) still denies, as in ztunnel.
-        let d = check(&m, Some(&id("qux", "x")), "1.1.1.1", "db", 80);
-        assert!(!d.allowed);
-        assert_eq!(d.policy, None, "{d:?}");
-        assert!(d.reason.contains("foo/allow-get"), "{}", d.reason);
     }
 
+    /// Istio: `remoteIpBlocks`, `notRemoteIpBlocks` and the `remote.ip` key
+    /// are HTTP attributes (istiod `httpSources`; `remote.ip` is not in
+    /// `l4WhenAttributes`): they come from X-Forwarded-For. In an ALLOW rule
+    /// they make the rule unmatchable at L4; alone in a DENY clause they
+    /// make it an empty match that never matches. At a waypoint they match
+    /// the client's address.
+    #[test]
+    fn remote_ip_blocks_are_l7_attributes() {
+        let m = model(
+            r#"
+services:
+  - {name: httpbin, namespace: foo, vips: [10.96.0.1], ports: [{port: 8000}], selector: {app: httpbin}}
+authorizationPolicies:
+  - metadata: {name: allow-remote, namespace: foo}
+    spec:
+      selector: {matchLabels: {app: httpbin}}
+      rules:
+        - from: [{source: {remoteIpBlocks: ["10.0.0.0/8"]}}]
+        - when: [{key: remote.ip, values: ["10.0.0.0/8"]}]
+  - metadata: {name: deny-remote, namespace: foo}
+    spec:
+      selector: {matchLabels: {app: db}}
+      action: DENY
+      rules:
+        - from: [{source: {notRemoteIpBlocks: ["192.168.0.0/16"]}}]
+        - when: [{key: remote.ip, values: ["10.0.0.0/8"]}]
+  - metadata: {name: wp-allow-remote, namespace: foo}
+    spec:
+      targetRefs: [{kind: Service, name: httpbin}]
+      rules: [{from: [{source: {remoteIpBlocks: ["10.0.1.0/24"]}}]}]
+"#,
+        );
+        // ALLOW: the source address is in the block, yet nothing matches.
+        let d = check(&m, Some(&id("bar", "sleep")), "10.0.1.1", "web", 80);
+        assert!(!d.allowed, "{d:?}");
+        assert_eq!(d.needs_waypoint, vec!["foo/allow-remote".to_string()]);
+        // DENY: no effect at L4, whatever the source address.
+        for src in ["10.0.1.1", "172.16.0.1"] {
+            let d = check(&m, Some(&id("bar", "sleep")), src, "db", 80);
+            assert!(d.allowed, "{src}: {d:?}");
+        }
+        assert_eq!(
+            ineffective_at_l4(&m.authorization_policies[1]),
+            [
+                "rules[0] (from: notRemoteIpBlocks)",
+                "rules[1] (when[0]: remote.ip)"
+            ]
+        );
+        // At the waypoint the client's address is the remote address.
+        // (check_http sends from 10.0.1.1.)
+        assert!(check_http(&m, Some(&id("bar", "sleep")), "GET", "/", &[]).allowed);
+    }
+
+    /// Istio: in a DENY policy istiod turns a `from`, `to` or `when` clause
+    /// that holds only HTTP attributes into an empty match, and ztunnel
+    /// never matches an empty match, so such a rule has no effect at L4
+    /// (recent Istio says the policy has no enforceable rules at ztunnel).
+    #[test]
+    fn a_deny_rule_with_an_l7_only_clause_has_no_effect_at_l4() {
+        let m = model(
+            r#"authorizationPolicies:
+  - metadata: {name: deny-post-from-bar, namespace: foo}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {namespaces: [bar]}}], to: [{operation: {methods: [POST]}}]}]
+  - metadata: {name: deny-jwt, namespace: foo}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {notRequestPrincipals: ["*"]}}]}]
+  - metadata: {name: deny-header, namespace: foo}
+    spec:
+      action: DENY
+      rules: [{when: [{key: "request.headers[x-evil]", values: ["*"]}]}]
+  - metadata: {name: deny-hosts, namespace: foo}
+    spec:
+      action: DENY
+      rules: [{to: [{operation: {hosts: ["evil.example.com"], notPaths: ["/ok"]}}]}]
+"#,
+        );
+        for src in ["bar", "qux"] {
+            let d = check(&m, Some(&id(src, "sleep")), "1.1.1.1", "web", 80);
+            assert!(d.allowed, "from {src}: {d:?}");
+            assert_eq!(d.policy, None);
+        }
+        let d = check(&m, None, "1.1.1.1", "web", 80);
+        assert!(d.allowed, "plaintext: {d:?}");
+        let said: Vec<Vec<String>> = m
+            .authorization_policies
+            .iter()
+            .map(ineffective_at_l4)
+            .collect();
+        assert_eq!(
+            said,
+            [
+                vec!["rules[0] (to: methods)".to_string()],
+                vec!["rules[0] (from: notRequestPrincipals)".to_string()],
+                vec!["rules[0] (when[0]: request.headers[x-evil])".to_string()],
+                vec!["rules[0] (to: hosts, notPaths)".to_string()],
+            ]
+        );
+    }
+
+    /// Istio: L4 and L7 fields in the same `source` or `operation` give a
+    /// match with the L4 fields only, so such a DENY rule is enforced on its
+    /// L4 part ("more restrictive than requested"); an L7-only entry next
+    /// to an L4 one is skipped while the other is checked.
+    #[test]
+    fn a_deny_rule_mixing_l4_and_l7_in_one_entry_is_enforced_on_its_l4_part() {
+        let m = model(
+            r#"authorizationPolicies:
+  - metadata: {name: deny-post-on-80, namespace: foo}
+    spec:
+      action: DENY
+      rules: [{to: [{operation: {ports: ["80"], methods: [POST]}}]}]
+  - metadata: {name: deny-bar-jwt, namespace: foo}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {namespaces: [bar], requestPrincipals: ["*"]}}]}]
+  - metadata: {name: deny-9000-or-get, namespace: foo}
+    spec:
+      action: DENY
+      rules: [{to: [{operation: {methods: [GET]}}, {operation: {ports: ["9000"]}}]}]
+"#,
+        );
+        let d = check(&m, Some(&id("qux", "a")), "1.1.1.1", "web", 80);
+        assert_eq!(d.policy.as_deref(), Some("foo/deny-post-on-80"), "{d:?}");
+        let d = check(&m, Some(&id("bar", "a")), "1.1.1.1", "web", 81);
+        assert_eq!(d.policy.as_deref(), Some("foo/deny-bar-jwt"), "{d:?}");
+        let d = check(&m, Some(&id("qux", "a")), "1.1.1.1", "web", 9000);
+        assert_eq!(d.policy.as_deref(), Some("foo/deny-9000-or-get"), "{d:?}");
+        assert!(check(&m, Some(&id("qux", "a")), "1.1.1.1", "web", 81).allowed);
+        assert!(m
+            .authorization_policies
+            .iter()
+            .all(|p| ineffective_at_l4(p).is_empty()));
+    }
+
+    /// Sluice's deliberate difference: Istio's node proxy ignores CUSTOM;
+    /// Sluice has no external authorizer at L4 and denies what the rule's
+    /// L4 part matches, taking an unknown L7 part to match (fail closed).
+    #[test]
+    fn custom_at_l4_denies_on_its_l4_part() {
+        let m = model(
+            r#"
+extensionProviders:
+  - {name: authz, envoyExtAuthzHttp: {service: authz.foo, port: 80}}
+services:
+  - {name: authz, namespace: foo, vips: [10.96.0.9], ports: [{port: 80}], selector: {app: db}}
+authorizationPolicies:
+  - metadata: {name: ext, namespace: foo}
+    spec:
+      selector: {matchLabels: {app: httpbin}}
+      action: CUSTOM
+      provider: {name: authz}
+      rules: [{to: [{operation: {paths: ["/admin*"]}}]}, {to: [{operation: {ports: ["9000"]}}]}]
+"#,
+        );
+        let d = check(&m, Some(&id("bar", "a")), "1.1.1.1", "web", 80);
+        assert!(!d.allowed);
+        assert!(d.reason.contains("CUSTOM"), "{}", d.reason);
+        assert!(check(&m, Some(&id("bar", "a")), "1.1.1.1", "db", 80).allowed);
+    }
+
+    /// Istio: `istio.io/dry-run: "true"` makes an ALLOW or DENY policy
+    /// report what it would decide without enforcing it (ztunnel logs
+    /// dry-run matches and never acts on them).
+    #[test]
+    fn dry_run_policies_are_evaluated_but_never_enforced() {
+        let m = model(
+            r#"authorizationPolicies:
+  - metadata: {name: would-deny-bar, namespace: foo, annotations: {istio.io/dry-run: "true"}}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {namespaces: [bar]}}]}]
+  - metadata: {name: would-allow-qux, namespace: foo, annotations: {istio.io/dry-run: "True"}}
+    spec:
+      rules: [{from: [{source: {namespaces: [qux]}}]}]
+"#,
+        );
+        let dry = |src: &str| {
+            let d = check(&m, Some(&id(src, "a")), "1.1.1.1", "web", 80);
+            assert!(d.allowed, "dry run enforced: {d:?}");
+            assert_eq!(d.reason, "no ALLOW policy applies");
+            d.dry_run
+                .iter()
+                .map(|o| (o.policy.as_str().to_string(), o.allowed))
+                .collect::<Vec<_>>()
+        };
+        let s = |p: &str, a: bool| (p.to_string(), a);
+        assert_eq!(
+            dry("bar"),
+            [
+                s("foo/would-deny-bar", false),
+                s("foo/would-allow-qux", false)
+            ]
+        );
+        assert_eq!(
+            dry("qux"),
+            [
+                s("foo/would-deny-bar", true),
+                s("foo/would-allow-qux", true)
+            ]
+        );
+        // With an enforced ALLOW that matches, the dry-run ALLOW that does
+        // not would change nothing: it reports allow.
+        let mut m2 = model(
+            r#"authorizationPolicies:
+  - metadata: {name: allow-all, namespace: foo}
+    spec: {rules: [{}]}
+"#,
+        );
+        m2.authorization_policies
+            .push(m.authorization_policies[1].clone());
+        let d = check(&m2, Some(&id("bar", "a")), "1.1.1.1", "web", 80);
+        assert!(d.allowed);
+        assert_eq!(
+            d.dry_run,
+            [DryRun {
+                policy: "foo/would-allow-qux".into(),
+                allowed: true
+            }]
+        );
+    }
+
+    /// Istio: a value that is not a boolean leaves the policy enforced; the
+    /// annotation means nothing on CUSTOM or AUDIT (dry run covers ALLOW and
+    /// DENY only).
+    #[test]
+    fn dry_run_needs_a_boolean_and_an_allow_or_deny_policy() {
+        let m = model(
+            r#"authorizationPolicies:
+  - metadata: {name: typo, namespace: foo, annotations: {istio.io/dry-run: "yes"}}
+    spec: {action: DENY, rules: [{}]}
+"#,
+        );
+        let d = check(&m, Some(&id("bar", "a")), "1.1.1.1", "web", 80);
+        assert_eq!(d.policy.as_deref(), Some("foo/typo"), "{d:?}");
+        assert!(d.dry_run.is_empty());
+        let mut p = m.authorization_policies[0].clone();
+        p.metadata.annotations.insert(
+            crate::model::policy::DRY_RUN_ANNOTATION.into(),
+            "true".into(),
+        );
+        assert!(p.is_dry_run());
+        p.spec.action = AuthorizationAction::Audit;
+        assert!(!p.is_dry_run());
+    }
+
+    /// Istio 1.25+: `serviceAccounts` entries are `namespace/name` or a bare
+    /// name in the policy's namespace, matched exactly against the peer's
+    /// identity (istiod `stringToServiceAccountMatch`, ztunnel
+    /// `ServiceAccountMatch`); plaintext has none.
+    #[test]
+    fn service_accounts_match_namespace_and_name_exactly() {
+        let m = model(
+            r#"authorizationPolicies:
+  - metadata: {name: sa, namespace: foo}
+    spec:
+      selector: {matchLabels: {app: httpbin}}
+      rules:
+        - from: [{source: {serviceAccounts: ["bar/sleep", "web"]}}]
+  - metadata: {name: not-sa, namespace: foo}
+    spec:
+      selector: {matchLabels: {app: db}}
+      action: DENY
+      rules: [{from: [{source: {notServiceAccounts: ["foo/web"]}}]}]
+"#,
+        );
+        assert!(check(&m, Some(&id("bar", "sleep")), "1.1.1.1", "web", 80).allowed);
+        assert!(check(&m, Some(&id("foo", "web")), "1.1.1.1", "web", 80).allowed);
+        assert!(!check(&m, Some(&id("bar", "sleepy")), "1.1.1.1", "web", 80).allowed);
+        assert!(!check(&m, Some(&id("baz", "web")), "1.1.1.1", "web", 80).allowed);
+        assert!(!check(&m, None, "1.1.1.1", "web", 80).allowed);
+        assert!(check(&m, Some(&id("foo", "web")), "1.1.1.1", "db", 80).allowed);
+        assert!(!check(&m, Some(&id("bar", "web")), "1.1.1.1", "db", 80).allowed);
+        assert!(!check(&m, None, "1.1.1.1", "db", 80).allowed);
+    }
+
+    /// Istio accepts a CIDR with host bits set; the prefix is what counts
+    /// (Go's `netip.ParsePrefix`, then the masked range).
+    #[test]
+    fn a_cidr_with_host_bits_counts_by_its_prefix() {
+        let m = model(
+            r#"authorizationPolicies:
+  - metadata: {name: net, namespace: foo}
+    spec: {rules: [{from: [{source: {ipBlocks: ["10.0.1.7/24"]}}]}]}
+"#,
+        );
+        assert!(check(&m, None, "10.0.1.200", "web", 80).allowed);
+        assert!(!check(&m, None, "10.0.2.1", "web", 80).allowed);
+    }
+
+    /// Fail closed: the stand-in for an ALLOW policy that could not be read
+    /// (Kubernetes mode) allows nothing in its scope, and the denial names
+    /// it.
+    #[test]
+    fn an_unreadable_allow_policy_denies_in_its_scope() {
+        let mut m = model("");
+        let mut p = policy("broken", AuthorizationAction::Allow, vec![]);
+        p.spec.rules = None;
+        p.rejected = Some("spec.rules[0].from[0].source.principal: unknown field".into());
+        m.authorization_policies = vec![p];
+        let d = check(&m, Some(&id("foo", "a")), "1.1.1.1", "web", 80);
+        assert!(!d.allowed);
+        assert_eq!(d.policy.as_deref(), Some("foo/broken"));
+        assert!(d.reason.contains("could not be read"), "{}", d.reason);
+        assert!(d.reason.contains("unknown field"), "{}", d.reason);
+    }
     #[test]
     fn when_conditions_at_l4_and_audit() {
         let m = model(
@@ -747,6 +1249,107 @@ workloads:
         assert_eq!(mtls_mode(&model(""), w("web"), 80).0, MtlsMode::Permissive);
     }
 
+    /// Istio: a PeerAuthentication in the root namespace with a selector is
+    /// not mesh-wide and applies to nothing (istiod only takes root-namespace
+    /// policies without a selector, and workload policies from the
+    /// workload's own namespace).
+    #[test]
+    fn a_root_namespace_peer_authentication_with_a_selector_is_ignored() {
+        let m = model(
+            r#"peerAuthentications:
+  - metadata: {name: strict-web, namespace: istio-system}
+    spec: {selector: {matchLabels: {app: httpbin}}, mtls: {mode: STRICT}}
+"#,
+        );
+        let w = m.workloads.iter().find(|w| w.name == "web").unwrap();
+        assert_eq!(mtls_mode(&m, w, 80), (MtlsMode::Permissive, None));
+    }
+
+    /// Istio: a selector without labels (`selector: {}`) is namespace-wide
+    /// (istiod classifies by `len(MatchLabels) == 0`); of two namespace-wide
+    /// policies the oldest wins.
+    #[test]
+    fn an_empty_selector_is_namespace_wide_and_the_oldest_policy_wins() {
+        let m = model(
+            r#"peerAuthentications:
+  - metadata: {name: b-newer, namespace: foo, creationTimestamp: "2026-12-02T10:00:00Z"}
+    spec: {mtls: {mode: PERMISSIVE}}
+  - metadata: {name: a-empty-selector, namespace: foo, creationTimestamp: "2026-12-01T10:00:00Z"}
+    spec: {selector: {}, mtls: {mode: STRICT}}
+"#,
+        );
+        let w = m
+            .workloads
+            .iter()
+            .find(|w| w.name == "web")
+            .unwrap()
+            .clone();
+        let w = &w;
+        assert_eq!(
+            mtls_mode(&m, w, 80),
+            (MtlsMode::Strict, Some("foo/a-empty-selector".into()))
+        );
+        // Without timestamps the name decides, never the order of the file.
+        let mut m = m;
+        for p in &mut m.peer_authentications {
+            p.metadata.creation_timestamp = None;
+        }
+        m.peer_authentications.reverse();
+        assert_eq!(
+            mtls_mode(&m, w, 80).1.as_deref(),
+            Some("foo/a-empty-selector")
+        );
+    }
+
+    /// Where istiod's ambient translation is inconsistent, the stricter
+    /// reading: under a workload policy without a mode of its own, a
+    /// port-level DISABLE is dropped by istiod when the inherited mode is
+    /// STRICT (it only looks for PERMISSIVE ports there), so the port stays
+    /// STRICT; a port-level PERMISSIVE is honoured.
+    #[test]
+    fn port_level_disable_under_a_workload_policy_without_a_mode_inherits() {
+        let m = model(
+            r#"peerAuthentications:
+  - metadata: {name: ns, namespace: foo}
+    spec: {mtls: {mode: STRICT}}
+  - metadata: {name: db-ports, namespace: foo}
+    spec:
+      selector: {matchLabels: {app: db}}
+      portLevelMtls: {"9000": {mode: DISABLE}, "9001": {mode: PERMISSIVE}}
+"#,
+        );
+        let db = m.workloads.iter().find(|w| w.name == "db").unwrap();
+        assert_eq!(
+            mtls_mode(&m, db, 9000),
+            (MtlsMode::Strict, Some("foo/ns".into()))
+        );
+        assert_eq!(
+            mtls_mode(&m, db, 9001),
+            (MtlsMode::Permissive, Some("foo/db-ports".into()))
+        );
+        assert_eq!(mtls_mode(&m, db, 80).0, MtlsMode::Strict);
+    }
+
+    /// Fail closed: the stand-in for a PeerAuthentication that could not be
+    /// read is STRICT and wins over readable policies of its scope.
+    #[test]
+    fn an_unreadable_peer_authentication_is_strict_in_its_scope() {
+        let mut m = model(
+            r#"peerAuthentications:
+  - metadata: {name: a-permissive, namespace: foo}
+    spec: {mtls: {mode: PERMISSIVE}}
+  - metadata: {name: z-broken, namespace: foo}
+    spec: {mtls: {mode: STRICT}}
+"#,
+        );
+        m.peer_authentications[1].rejected = Some("spec.mtls.mode: unknown variant".into());
+        let w = m.workloads.iter().find(|w| w.name == "web").unwrap();
+        assert_eq!(
+            mtls_mode(&m, w, 80),
+            (MtlsMode::Strict, Some("foo/z-broken".into()))
+        );
+    }
+
     fn arb_source() -> impl Strategy<Value = Source> {
         let names = prop::collection::vec(
             prop::sample::select(vec!["foo", "bar", "baz", "*", "ba*"]),
@@ -798,14 +1401,14 @@ workloads:
             metadata: crate::model::policy::ObjectMeta {
                 name: name.into(),
                 namespace: "foo".into(),
-                labels: Default::default(),
-                annotations: Default::default(),
+                ..Default::default()
             },
             spec: crate::model::policy::AuthorizationPolicySpec {
                 action,
                 rules: Some(rules),
                 ..Default::default()
             },
+            rejected: None,
         }
     }
 

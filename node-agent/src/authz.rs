@@ -1,7 +1,8 @@
 //! Policy at the destination: authorize each inbound connection with the
-//! current model, log and count denials, and keep a register of live
-//! inbound connections so that a policy change closes those that no longer
-//! pass (the client sees a reset).
+//! current model, log and count denials (and what dry-run policies would
+//! have decided), and keep a register of live inbound connections so that a
+//! policy change closes those that no longer pass (the client sees a
+//! reset).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use mesh_core::identity::SpiffeId;
 use mesh_core::model::policy::MtlsMode;
 use mesh_core::model::MeshModel;
-use mesh_core::policy::{authorize, mtls_mode, ConnInfo};
+use mesh_core::policy::{authorize, mtls_mode, ConnInfo, DryRun};
 use tokio::sync::Notify;
 
 use crate::telemetry::{AgentMetrics, DenialLabels};
@@ -32,10 +33,40 @@ pub struct Checked {
     pub destination: SocketAddr,
 }
 
+impl std::fmt::Display for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source_identity {
+            Some(id) => write!(f, "{} ({id}) -> {}", self.source, self.destination),
+            None => write!(f, "{} (plaintext) -> {}", self.source, self.destination),
+        }
+    }
+}
+
+/// Admit a new inbound connection: [`check`] it, count what dry-run
+/// policies would have decided, and report a denial.
+pub fn admit(metrics: &AgentMetrics, model: &MeshModel, c: &Checked) -> Result<String, Denial> {
+    let mut dry_run = vec![];
+    let verdict = check_with_dry_run(model, c, &mut dry_run);
+    metrics.policy.record_dry_run(&dry_run, c);
+    if let Err(d) = &verdict {
+        report(metrics, c, d, "new");
+    }
+    verdict
+}
+
 /// Check a connection to `c.destination` (a local workload) against
 /// PeerAuthentication (plaintext only) and AuthorizationPolicy. On success,
 /// the outcome in words (for the access log), including AUDIT matches.
 pub fn check(model: &MeshModel, c: &Checked) -> Result<String, Denial> {
+    check_with_dry_run(model, c, &mut vec![])
+}
+
+/// [`check`], also saying what dry-run policies would have decided.
+fn check_with_dry_run(
+    model: &MeshModel,
+    c: &Checked,
+    dry_run: &mut Vec<DryRun>,
+) -> Result<String, Denial> {
     let Some(dst) = model.workload_by_ip(c.destination.ip()) else {
         return Err(Denial {
             kind: "authorization",
@@ -66,6 +97,7 @@ pub fn check(model: &MeshModel, c: &Checked) -> Result<String, Denial> {
             destination_port: c.destination.port(),
         },
     );
+    *dry_run = d.dry_run;
     if d.allowed {
         let mut outcome = d.reason;
         if !d.audited.is_empty() {

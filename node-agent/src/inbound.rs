@@ -180,12 +180,8 @@ async fn handle_stream(
             return stream.reject(StatusCode::UNAUTHORIZED);
         }
     }
-    let outcome = match authz::check(&model, &checked) {
-        Err(d) => {
-            authz::report(&ctx.metrics, &checked, &d, "new");
-            return stream.reject(StatusCode::UNAUTHORIZED);
-        }
-        Ok(outcome) => outcome,
+    let Ok(outcome) = authz::admit(&ctx.metrics, &model, &checked) else {
+        return stream.reject(StatusCode::UNAUTHORIZED);
     };
 
     let net = ctx
@@ -291,12 +287,8 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         ctx.metrics.refuse("inbound", "waypoint_bypassed");
         return reset_tcp(&tcp);
     }
-    let outcome = match authz::check(&model, &checked) {
-        Err(d) => {
-            authz::report(&ctx.metrics, &checked, &d, "new");
-            return reset_tcp(&tcp);
-        }
-        Ok(outcome) => outcome,
+    let Ok(outcome) = authz::admit(&ctx.metrics, &model, &checked) else {
+        return reset_tcp(&tcp);
     };
     let app = match tokio::time::timeout(
         ctx.cfg.connect_timeout,

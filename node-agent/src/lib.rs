@@ -327,7 +327,10 @@ pub async fn start(
         }
         Some(k) => {
             let client = kube_client(k.kubeconfig.as_deref()).await?;
-            let report = Arc::new(KubeReport(metrics.config_updates.clone()));
+            let report = Arc::new(mesh_core::kube::watch::ClusterReport {
+                updates: metrics.config_updates.clone(),
+                policy: metrics.policy.clone(),
+            });
             // This node's pods are served inside their own network
             // namespaces, found through the host's /proc.
             let node = cfg.node.clone();
@@ -504,36 +507,6 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
         .map_err(AgentError::Kube)
 }
 
-/// Model updates from the cluster, counted like mesh-file updates.
-struct KubeReport(
-    prometheus_client::metrics::family::Family<
-        ResultLabels,
-        prometheus_client::metrics::counter::Counter,
-    >,
-);
-
-impl mesh_core::kube::watch::WatchReport for KubeReport {
-    fn applied(&self, model: &MeshModel) {
-        tracing::info!(
-            workloads = model.workloads.len(),
-            services = model.services.len(),
-            "mesh model updated from the cluster"
-        );
-        self.0
-            .get_or_create(&ResultLabels { result: "applied" })
-            .inc();
-    }
-
-    fn problems(&self, problems: &[String]) {
-        for p in problems {
-            tracing::warn!(problem = %p, "object left out of the mesh model");
-        }
-        self.0
-            .get_or_create(&ResultLabels { result: "partial" })
-            .inc();
-    }
-}
-
 /// Follow the mesh file; besides validation, an update must keep this
 /// agent's node.
 async fn watch_mesh_file(ctx: Arc<Ctx>, loaded: Vec<u8>, tx: watch::Sender<Arc<MeshModel>>) {
@@ -564,9 +537,42 @@ async fn watch_mesh_file(ctx: Arc<Ctx>, loaded: Vec<u8>, tx: watch::Sender<Arc<M
     .await
 }
 
+/// Say loudly which policies have rules a node agent never matches (DENY or
+/// AUDIT rules with an L7-only clause: no effect at L4, as in Istio): a
+/// warning when such a policy appears or changes, and the
+/// `sluice_policies_ineffective_at_l4` gauge.
+fn report_policy_effect(ctx: &Ctx, seen: &mut std::collections::HashSet<String>) {
+    let model = ctx.model();
+    let mut now = std::collections::HashSet::new();
+    for p in model
+        .authorization_policies
+        .iter()
+        .filter(|p| p.spec.target_ref.is_none() && p.spec.target_refs.is_empty())
+    {
+        let clauses = mesh_core::policy::ineffective_at_l4(p);
+        if clauses.is_empty() {
+            continue;
+        }
+        let key = format!("{}: {}", p.key(), clauses.join(", "));
+        if !seen.contains(&key) {
+            tracing::warn!(
+                policy = %p.key(),
+                action = ?p.spec.action,
+                clauses = %clauses.join(", "),
+                "policy has rules that never match at the node agent: they hold only L7 attributes, so they have no effect here (as in Istio); attach the policy to a waypoint to enforce them"
+            );
+        }
+        now.insert(key);
+    }
+    ctx.metrics.policies_ineffective_at_l4.set(now.len() as i64);
+    *seen = now;
+}
+
 /// Re-reconcile local workloads whenever the model changes.
 async fn follow_model(ctx: Arc<Ctx>) {
     let mut rx = ctx.model.clone();
+    let mut policy_effect = std::collections::HashSet::new();
+    report_policy_effect(&ctx, &mut policy_effect);
     // Also on a timer: retries enrollments that failed (a namespace not
     // there yet, a port still busy) and ends drain periods.
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -577,6 +583,7 @@ async fn follow_model(ctx: Arc<Ctx>) {
         };
         reconcile(&ctx).await;
         if changed {
+            report_policy_effect(&ctx, &mut policy_effect);
             let closed = ctx.live.revalidate(&ctx.model(), &ctx.metrics);
             if closed > 0 {
                 tracing::info!(closed, "policy change closed existing connections");

@@ -37,10 +37,7 @@ pub struct DenialLabels {
     pub connection: &'static str,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: &'static str,
-}
+pub use mesh_core::metrics::ResultLabels;
 
 /// Every metric the agent exports.
 pub struct AgentMetrics {
@@ -51,6 +48,11 @@ pub struct AgentMetrics {
     pub denials: Family<DenialLabels, Counter>,
     /// Mesh model updates applied or rejected.
     pub config_updates: Family<ResultLabels, Counter>,
+    /// Dry-run outcomes and rejected configuration objects.
+    pub policy: mesh_core::metrics::PolicyMetrics,
+    /// Applicable DENY/AUDIT policies with rules that can never match at a
+    /// node agent (L7-only clauses: they need a waypoint).
+    pub policies_ineffective_at_l4: Gauge,
     /// Workloads of this node whose traffic is captured.
     pub enrolled_workloads: Gauge,
     /// Workloads of this node the model enrolls but the agent could not
@@ -139,6 +141,8 @@ impl AgentMetrics {
             refused: Family::default(),
             denials: Family::default(),
             config_updates: Family::default(),
+            policy: mesh_core::metrics::PolicyMetrics::register(registry),
+            policies_ineffective_at_l4: Gauge::default(),
             enrolled_workloads: Gauge::default(),
             unenrollable_workloads: Gauge::default(),
             enrollment_failures: Counter::default(),
@@ -172,6 +176,11 @@ impl AgentMetrics {
             "config_updates",
             "Mesh model updates by result (applied, rejected)",
             m.config_updates.clone(),
+        );
+        r.register(
+            "policies_ineffective_at_l4",
+            "DENY or AUDIT AuthorizationPolicies with rules that never match at a node agent because a clause holds only L7 attributes (as in Istio; enforce them with a waypoint)",
+            m.policies_ineffective_at_l4.clone(),
         );
         r.register(
             "enrolled_workloads",

@@ -218,36 +218,6 @@ impl Ctx {
     }
 }
 
-/// Model updates from the cluster, counted like mesh-file updates.
-struct KubeReport(
-    prometheus_client::metrics::family::Family<
-        ResultLabels,
-        prometheus_client::metrics::counter::Counter,
-    >,
-);
-
-impl mesh_core::kube::watch::WatchReport for KubeReport {
-    fn applied(&self, model: &MeshModel) {
-        tracing::info!(
-            services = model.services.len(),
-            routes = model.http_routes.len(),
-            "mesh model updated from the cluster"
-        );
-        self.0
-            .get_or_create(&ResultLabels { result: "applied" })
-            .inc();
-    }
-
-    fn problems(&self, problems: &[String]) {
-        for p in problems {
-            tracing::warn!(problem = %p, "object left out of the mesh model");
-        }
-        self.0
-            .get_or_create(&ResultLabels { result: "partial" })
-            .inc();
-    }
-}
-
 /// A running waypoint; stops when dropped.
 pub struct WaypointHandle {
     pub ctx: Arc<Ctx>,
@@ -320,7 +290,10 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
             let client = mesh_core::kube::client(k.kubeconfig.as_deref())
                 .await
                 .map_err(WaypointError::Kube)?;
-            let report = Arc::new(KubeReport(metrics.config_updates.clone()));
+            let report = Arc::new(mesh_core::kube::watch::ClusterReport {
+                updates: metrics.config_updates.clone(),
+                policy: metrics.policy.clone(),
+            });
             tasks.extend(
                 mesh_core::kube::watch::follow_cluster(
                     client,

@@ -281,6 +281,17 @@ async fn process(
         .filter(|p| p.spec.action != AuthorizationAction::Custom)
         .collect();
     let decision = evaluate(&rest, &info);
+    if !decision.dry_run.is_empty() {
+        let what = format!(
+            "{} ({}) -> {} {}{}",
+            conn.source_ip,
+            conn.source_identity,
+            req.method(),
+            rec.host,
+            req.uri().path()
+        );
+        ctx.metrics.policy.record_dry_run(&decision.dry_run, &what);
+    }
     if !decision.allowed {
         ctx.metrics
             .denials

@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use mesh_core::metrics::RequestMetrics;
+use mesh_core::metrics::{PolicyMetrics, RequestMetrics};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PolicyLabels {
@@ -19,10 +19,7 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: &'static str,
-}
+pub use mesh_core::metrics::ResultLabels;
 
 /// Everything the waypoint counts.
 pub struct WaypointMetrics {
@@ -30,6 +27,8 @@ pub struct WaypointMetrics {
     pub denials: Family<PolicyLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub config_updates: Family<ResultLabels, Counter>,
+    /// Dry-run outcomes and rejected configuration objects.
+    pub policy: PolicyMetrics,
 }
 
 impl WaypointMetrics {
@@ -39,6 +38,7 @@ impl WaypointMetrics {
             denials: Family::default(),
             refused: Family::default(),
             config_updates: Family::default(),
+            policy: PolicyMetrics::register(registry),
         };
         registry.register(
             "sluice_waypoint_policy_denials",

@@ -3,10 +3,20 @@
 //! reads and validates it the same way.
 //!
 //! Each object is translated on its own. An object that cannot be
-//! translated (a policy with an unknown field, a pod with a bad label) is
-//! left out with a problem naming it, and so is an object the model's
-//! validation rejects (a duplicate IP, a route to a missing service):
-//! everything else keeps being served.
+//! translated (a policy with an unknown field, a pod with a bad label) or
+//! that the model's validation rejects (a duplicate IP, a route to a
+//! missing service) is reported as a [`Rejected`] naming it, the field and
+//! the reason, and everything else keeps being served. What takes its place
+//! fails closed:
+//! - an AuthorizationPolicy that cannot be read is replaced by a stand-in
+//!   in the same scope (selector or targetRefs when those can be read, else
+//!   the whole namespace): ALLOW becomes an ALLOW that matches nothing,
+//!   DENY, CUSTOM or an unknown action a DENY of everything; an AUDIT one
+//!   (which decides nothing) and a dry-run one (never enforced) are left
+//!   out;
+//! - a PeerAuthentication that cannot be read becomes STRICT in its scope,
+//!   ahead of readable policies of the same scope;
+//! - any other object is left out.
 //!
 //! Mapping, as Istio ambient reads a cluster:
 //! - Pods with a node and an IP (not finished) → workloads (service
@@ -32,7 +42,11 @@ use serde::de::DeserializeOwned;
 
 use crate::model::file::MeshFile;
 use crate::model::gateway::{DestinationRule, Gateway, HttpRoute};
-use crate::model::policy::{AuthorizationPolicy, ObjectMeta, PeerAuthentication};
+use crate::model::policy::{
+    AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, MtlsMode, MutualTls,
+    ObjectMeta, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, Rule,
+    WorkloadSelector, DRY_RUN_ANNOTATION,
+};
 use crate::model::{MeshModel, Namespace, Node, Service, ServicePort, Workload};
 
 /// What the watchers hold, one list per kind.
@@ -52,31 +66,232 @@ pub struct ClusterState {
 /// The model and what had to be left out of it.
 pub struct Translation {
     pub model: MeshModel,
-    /// `Kind namespace/name: reason`, one per object left out.
-    pub problems: Vec<String>,
+    /// One per object that could not be read as it is.
+    pub problems: Vec<Rejected>,
 }
 
+/// An object that could not be read: left out of the model or replaced by
+/// a stand-in that fails closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The Kubernetes kind (`AuthorizationPolicy`, `Pod`, …).
+    pub kind: &'static str,
+    /// `namespace/name` (or the name of a cluster-scoped object).
+    pub name: String,
+    /// Where in the object (`spec.rules[0].from[0].source.principals[1]`),
+    /// empty when the object as a whole is at fault.
+    pub field: String,
+    pub reason: String,
+    /// What is served instead, in words.
+    pub instead: &'static str,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: ", self.kind, self.name)?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        write!(f, "{} ({})", self.reason, self.instead)
+    }
+}
+
+const LEFT_OUT: &str = "left out of the mesh model";
+
 fn meta_of(m: &kube::core::ObjectMeta) -> ObjectMeta {
+    // Only the annotations policy reads: the rest (last-applied
+    // configurations, tooling notes) would bloat every model.
+    let annotations = m
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() == DRY_RUN_ANNOTATION)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     ObjectMeta {
         name: m.name.clone().unwrap_or_default(),
         namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
         labels: m.labels.clone().unwrap_or_default(),
-        annotations: BTreeMap::new(),
+        annotations,
+        creation_timestamp: m
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| serde_json::to_value(t).ok())
+            .and_then(|v| v.as_str().map(str::to_string)),
     }
 }
 
-fn id(kind: &str, m: &kube::core::ObjectMeta) -> String {
+fn key_of(m: &kube::core::ObjectMeta) -> String {
     format!(
-        "{kind} {}/{}",
+        "{}/{}",
         m.namespace.as_deref().unwrap_or("-"),
         m.name.as_deref().unwrap_or("-")
     )
 }
 
-/// A custom object's `spec` as one of the model's spec types.
-fn spec_of<S: DeserializeOwned>(o: &DynamicObject) -> Result<S, String> {
+/// A custom object's `spec` as one of the model's spec types; the error is
+/// (field, reason).
+fn spec_of<S: DeserializeOwned>(o: &DynamicObject) -> Result<S, (String, String)> {
     let spec = o.data.get("spec").cloned().unwrap_or(serde_json::json!({}));
-    serde_path_to_error::deserialize(spec).map_err(|e| format!("spec.{}: {}", e.path(), e.inner()))
+    serde_path_to_error::deserialize(spec)
+        .map_err(|e| (format!("spec.{}", e.path()), e.inner().to_string()))
+}
+
+/// One part of a custom object's `spec`, if it reads as `T`.
+fn part_of<T: DeserializeOwned>(o: &DynamicObject, name: &str) -> Option<T> {
+    serde_json::from_value(o.data.get("spec")?.get(name)?.clone()).ok()
+}
+
+/// What stands in for an AuthorizationPolicy that cannot be read: the same
+/// scope, denying (see the module documentation); `None` when nothing
+/// should (AUDIT, dry run).
+fn authorization_stand_in(
+    metadata: ObjectMeta,
+    action: Option<AuthorizationAction>,
+    selector: Option<WorkloadSelector>,
+    target_refs: Vec<PolicyTargetReference>,
+    why: String,
+) -> Option<AuthorizationPolicy> {
+    let (action, rules) = match action {
+        Some(AuthorizationAction::Audit) => return None,
+        Some(AuthorizationAction::Allow) => (AuthorizationAction::Allow, None),
+        _ => (AuthorizationAction::Deny, Some(vec![Rule::default()])),
+    };
+    let p = AuthorizationPolicy {
+        api_version: None,
+        kind: None,
+        metadata,
+        spec: AuthorizationPolicySpec {
+            selector: if target_refs.is_empty() {
+                selector
+            } else {
+                None
+            },
+            target_refs,
+            action,
+            rules,
+            ..Default::default()
+        },
+        rejected: Some(why),
+    };
+    // A dry-run policy is never enforced, readable or not.
+    (!matches!(p.dry_run_annotation(), Some(Ok(true)))).then_some(p)
+}
+
+/// What is served instead of an AuthorizationPolicy stand-in, in words.
+fn authorization_instead(stand_in: &Option<AuthorizationPolicy>) -> &'static str {
+    match stand_in {
+        None => LEFT_OUT,
+        Some(p) if p.spec.action == AuthorizationAction::Allow => {
+            "fails closed: an ALLOW that matches nothing stands in its scope"
+        }
+        Some(_) => "fails closed: a DENY of everything stands in its scope",
+    }
+}
+
+/// What stands in for a PeerAuthentication that cannot be read: STRICT in
+/// the same scope.
+fn peer_authentication_stand_in(
+    metadata: ObjectMeta,
+    selector: Option<WorkloadSelector>,
+    why: String,
+) -> PeerAuthentication {
+    PeerAuthentication {
+        api_version: None,
+        kind: None,
+        metadata,
+        spec: PeerAuthenticationSpec {
+            selector,
+            mtls: Some(MutualTls {
+                mode: MtlsMode::Strict,
+            }),
+            port_level_mtls: BTreeMap::new(),
+        },
+        rejected: Some(why),
+    }
+}
+
+const STRICT_INSTEAD: &str = "fails closed: STRICT mutual TLS in its scope";
+
+/// AuthorizationPolicies, with stand-ins for those that do not read.
+fn authorization_policies(
+    objects: &[DynamicObject],
+    problems: &mut Vec<Rejected>,
+) -> Vec<AuthorizationPolicy> {
+    let mut out = vec![];
+    for o in objects {
+        let metadata = meta_of(&o.metadata);
+        match spec_of::<AuthorizationPolicySpec>(o) {
+            Ok(spec) => out.push(AuthorizationPolicy {
+                api_version: None,
+                kind: None,
+                metadata,
+                spec,
+                rejected: None,
+            }),
+            Err((field, reason)) => {
+                let action = match o.data.get("spec").and_then(|s| s.get("action")) {
+                    None => Some(AuthorizationAction::Allow),
+                    Some(a) => serde_json::from_value(a.clone()).ok(),
+                };
+                let mut refs: Vec<PolicyTargetReference> =
+                    part_of(o, "targetRefs").unwrap_or_default();
+                refs.extend(part_of::<PolicyTargetReference>(o, "targetRef"));
+                let stand_in = authorization_stand_in(
+                    metadata,
+                    action,
+                    part_of(o, "selector"),
+                    refs,
+                    format!("{field}: {reason}"),
+                );
+                problems.push(Rejected {
+                    kind: "AuthorizationPolicy",
+                    name: key_of(&o.metadata),
+                    field,
+                    reason,
+                    instead: authorization_instead(&stand_in),
+                });
+                out.extend(stand_in);
+            }
+        }
+    }
+    out
+}
+
+/// PeerAuthentications, with STRICT stand-ins for those that do not read.
+fn peer_authentications(
+    objects: &[DynamicObject],
+    problems: &mut Vec<Rejected>,
+) -> Vec<PeerAuthentication> {
+    objects
+        .iter()
+        .map(|o| {
+            let metadata = meta_of(&o.metadata);
+            match spec_of::<PeerAuthenticationSpec>(o) {
+                Ok(spec) => PeerAuthentication {
+                    api_version: None,
+                    kind: None,
+                    metadata,
+                    spec,
+                    rejected: None,
+                },
+                Err((field, reason)) => {
+                    problems.push(Rejected {
+                        kind: "PeerAuthentication",
+                        name: key_of(&o.metadata),
+                        field: field.clone(),
+                        reason: reason.clone(),
+                        instead: STRICT_INSTEAD,
+                    });
+                    peer_authentication_stand_in(
+                        metadata,
+                        part_of(o, "selector"),
+                        format!("{field}: {reason}"),
+                    )
+                }
+            }
+        })
+        .collect()
 }
 
 fn pod_ips(p: &Pod) -> Vec<IpAddr> {
@@ -209,8 +424,14 @@ macro_rules! custom {
                     metadata: meta_of(&o.metadata),
                     spec,
                 }),
-                Err(e) => {
-                    $problems.push(format!("{}: {e}", id($kind, &o.metadata)));
+                Err((field, reason)) => {
+                    $problems.push(Rejected {
+                        kind: $kind,
+                        name: key_of(&o.metadata),
+                        field,
+                        reason,
+                        instead: LEFT_OUT,
+                    });
                     None
                 }
             })
@@ -283,7 +504,13 @@ pub fn translate(
         match service_of(s, &state.pods) {
             Ok(Some(svc)) => services.push(svc),
             Ok(None) => {}
-            Err(e) => problems.push(format!("{}: {e}", id("Service", &s.metadata))),
+            Err(reason) => problems.push(Rejected {
+                kind: "Service",
+                name: key_of(&s.metadata),
+                field: String::new(),
+                reason,
+                instead: LEFT_OUT,
+            }),
         }
     }
     let mut file = MeshFile {
@@ -302,18 +529,11 @@ pub fn translate(
             .collect(),
         workloads,
         services,
-        authorization_policies: custom!(
-            state.authorization_policies,
-            "AuthorizationPolicy",
-            AuthorizationPolicy,
-            problems
+        authorization_policies: authorization_policies(
+            &state.authorization_policies,
+            &mut problems,
         ),
-        peer_authentications: custom!(
-            state.peer_authentications,
-            "PeerAuthentication",
-            PeerAuthentication,
-            problems
-        ),
+        peer_authentications: peer_authentications(&state.peer_authentications, &mut problems),
         gateways: custom!(state.gateways, "Gateway", Gateway, problems),
         http_routes: custom!(state.http_routes, "HTTPRoute", HttpRoute, problems),
         destination_rules: custom!(
@@ -340,41 +560,62 @@ pub fn translate(
             name,
             labels: BTreeMap::new(),
         }));
-    // Validation problems: drop the object the error names and try again.
+    // Validation problems: replace or drop the object the error names and
+    // try again.
     let model = loop {
         match MeshModel::from_file(file.clone(), "kubernetes") {
             Ok(m) => break m,
-            Err(e) => {
-                let dropped = drop_named(&mut file, &e.field);
-                problems.push(format!(
-                    "{}: {}: {}",
-                    dropped.as_deref().unwrap_or("?"),
-                    e.field,
-                    e.reason
-                ));
-                if dropped.is_none() {
+            Err(e) => match set_aside(&mut file, &e.field, &e.reason) {
+                Some((kind, name, instead)) => problems.push(Rejected {
+                    kind,
+                    name,
+                    // The object's own path: after `kind[i].`.
+                    field: e
+                        .field
+                        .split_once("].")
+                        .map(|(_, f)| f.to_string())
+                        .unwrap_or_default(),
+                    reason: e.reason,
+                    instead,
+                }),
+                None => {
                     // Nothing left to blame: serve an empty mesh rather
                     // than a guess (nothing passes without policy).
+                    problems.push(Rejected {
+                        kind: "MeshModel",
+                        name: "-".into(),
+                        field: e.field,
+                        reason: e.reason,
+                        instead: "an empty mesh is served",
+                    });
                     break MeshModel::empty(trust_domain);
                 }
-            }
+            },
         }
     };
     Translation { model, problems }
 }
 
-/// Remove the object a validation error's field path points at
-/// (`workloads[3].ips[0]` → workload 3); returns what was removed.
-fn drop_named(f: &mut MeshFile, field: &str) -> Option<String> {
+/// Deal with the object a validation error's field path points at
+/// (`workloads[3].ips[0]` → workload 3): a policy is replaced by its
+/// stand-in (a stand-in that fails again loses its selector or targetRefs,
+/// then is dropped); anything else is removed. Returns the object's kind,
+/// name and what is served instead.
+fn set_aside(
+    f: &mut MeshFile,
+    field: &str,
+    reason: &str,
+) -> Option<(&'static str, String, &'static str)> {
     let (list, rest) = field.split_once('[')?;
     let idx: usize = rest.split(']').next()?.parse().ok()?;
+    let within = rest.split_once("].").map_or("", |(_, f)| f);
     macro_rules! take {
         ($v:expr, $kind:literal, $name:expr) => {{
             if idx >= $v.len() {
                 return None;
             }
             let o = $v.remove(idx);
-            Some(format!("{} {}", $kind, $name(&o)))
+            Some(($kind, $name(&o), LEFT_OUT))
         }};
     }
     match list {
@@ -388,16 +629,58 @@ fn drop_named(f: &mut MeshFile, field: &str) -> Option<String> {
             "{}/{}",
             s.namespace, s.name
         )),
-        "authorizationPolicies" => take!(
-            f.authorization_policies,
-            "AuthorizationPolicy",
-            |p: &AuthorizationPolicy| format!("{}/{}", p.metadata.namespace, p.metadata.name)
-        ),
-        "peerAuthentications" => take!(
-            f.peer_authentications,
-            "PeerAuthentication",
-            |p: &PeerAuthentication| format!("{}/{}", p.metadata.namespace, p.metadata.name)
-        ),
+        "authorizationPolicies" => {
+            let p = f.authorization_policies.get(idx)?.clone();
+            let name = p.key();
+            // A stand-in failing too is at fault in its scope: widen it to
+            // the namespace; failing again, there is nothing left to try.
+            let scoped = p.rejected.is_none()
+                && !within.starts_with("spec.selector")
+                && !within.starts_with("spec.targetRef");
+            let stand_in = if p.rejected.is_some()
+                && p.spec.selector.is_none()
+                && p.spec.target_refs.is_empty()
+            {
+                None
+            } else {
+                let mut refs = p.spec.target_refs.clone();
+                refs.extend(p.spec.target_ref.clone());
+                authorization_stand_in(
+                    p.metadata.clone(),
+                    Some(p.spec.action),
+                    p.spec.selector.clone().filter(|_| scoped),
+                    if scoped { refs } else { vec![] },
+                    p.rejected
+                        .clone()
+                        .unwrap_or_else(|| format!("{within}: {reason}")),
+                )
+            };
+            let instead = authorization_instead(&stand_in);
+            match stand_in {
+                Some(s) => f.authorization_policies[idx] = s,
+                None => {
+                    f.authorization_policies.remove(idx);
+                }
+            }
+            Some(("AuthorizationPolicy", name, instead))
+        }
+        "peerAuthentications" => {
+            let p = f.peer_authentications.get(idx)?.clone();
+            let name = p.key();
+            if p.rejected.is_some() && p.spec.selector.is_none() {
+                f.peer_authentications.remove(idx);
+                return Some(("PeerAuthentication", name, LEFT_OUT));
+            }
+            let scoped = p.rejected.is_none() && !within.starts_with("spec.selector");
+            f.peer_authentications[idx] = peer_authentication_stand_in(
+                p.metadata.clone(),
+                p.spec.selector.clone().filter(|_| scoped),
+                p.rejected
+                    .clone()
+                    .unwrap_or_else(|| format!("{within}: {reason}")),
+            );
+            Some(("PeerAuthentication", name, STRICT_INSTEAD))
+        }
         "gateways" => take!(f.gateways, "Gateway", |p: &Gateway| format!(
             "{}/{}",
             p.metadata.namespace, p.metadata.name
@@ -571,15 +854,23 @@ spec:
         assert_eq!(m.service_endpoints(svc).count(), 2);
         // Selector-less services are not modelled.
         assert!(m.service("default", "kubernetes").is_none());
-        // The good policy is in, the misspelt one is left out with a reason.
-        assert_eq!(m.authorization_policies.len(), 1);
-        assert!(
-            t.problems
-                .iter()
-                .any(|p| p.contains("AuthorizationPolicy bookinfo/typo") && p.contains("form")),
-            "{:?}",
-            t.problems
-        );
+        // The good policy is in; the misspelt DENY is replaced by a DENY of
+        // everything in its namespace, with the reason.
+        assert_eq!(m.authorization_policies.len(), 2);
+        let typo = &m.authorization_policies[1];
+        assert_eq!(typo.key(), "bookinfo/typo");
+        assert_eq!(typo.spec.action, AuthorizationAction::Deny);
+        assert_eq!(typo.spec.rules, Some(vec![Rule::default()]));
+        assert!(typo.rejected.as_deref().unwrap().contains("form"));
+        let p = t
+            .problems
+            .iter()
+            .find(|p| p.name == "bookinfo/typo")
+            .unwrap();
+        assert_eq!(p.kind, "AuthorizationPolicy");
+        assert_eq!(p.field, "spec.rules[0].form");
+        assert!(p.reason.contains("form"), "{p}");
+        assert!(p.to_string().contains("DENY of everything"), "{p}");
     }
 
     /// A deleted pod in its grace period stays enrolled (its connections
@@ -641,9 +932,128 @@ spec:
         assert!(
             t.problems
                 .iter()
-                .any(|p| p.contains("Pod bookinfo/impostor") && p.contains("duplicate IP")),
+                .any(|p| p.to_string().contains("Pod bookinfo/impostor")
+                    && p.reason.contains("duplicate IP")),
             "{:?}",
             t.problems
         );
+    }
+
+    /// Fail closed: a policy that cannot be read never opens access. An
+    /// ALLOW stands in as an ALLOW that matches nothing (in its selector's
+    /// scope when the selector reads), a DENY or an unknown action as a
+    /// DENY of everything, a PeerAuthentication as STRICT; AUDIT and
+    /// dry-run policies are left out. Unreadable at translation (an
+    /// unknown field) or at validation (a bad CIDR) alike.
+    #[test]
+    fn policies_that_cannot_be_read_fail_closed_in_their_scope() {
+        const BROKEN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-productpage, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules: [{from: [{source: {principal: ["cluster.local/ns/bookinfo/sa/productpage"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad-cidr, namespace: legacy}
+spec:
+  action: DENY
+  rules: [{from: [{source: {ipBlocks: ["10.0.0.0/33"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: permit, namespace: legacy}
+spec: {action: PERMIT, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit, namespace: legacy}
+spec: {action: AUDIT, rules: [{frm: []}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: trial, namespace: legacy, annotations: {istio.io/dry-run: "true"}}
+spec: {action: DENY, rules: [{frm: []}]}
+"#;
+        const BROKEN_PA: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: typo, namespace: legacy}
+spec: {mtls: {mode: STRIC}}
+"#;
+        let mut s = state();
+        s.authorization_policies = parse(BROKEN);
+        s.peer_authentications = parse(BROKEN_PA);
+        let t = translate(&s, "cluster.local", "istio-system", &|_| None);
+        let m = &t.model;
+        let get = |name: &str| {
+            m.authorization_policies
+                .iter()
+                .find(|p| p.metadata.name == name)
+        };
+        let allow = get("only-productpage").unwrap();
+        assert_eq!(allow.spec.action, AuthorizationAction::Allow);
+        assert_eq!(allow.spec.rules, None, "matches nothing");
+        assert_eq!(
+            allow.spec.selector.as_ref().unwrap().match_labels["app"],
+            "reviews",
+            "the readable selector keeps the scope"
+        );
+        for name in ["bad-cidr", "permit"] {
+            let p = get(name).unwrap();
+            assert_eq!(p.spec.action, AuthorizationAction::Deny, "{name}");
+            assert_eq!(p.spec.rules, Some(vec![Rule::default()]), "{name}");
+            assert!(p.spec.selector.is_none(), "{name}");
+        }
+        assert!(get("audit").is_none() && get("trial").is_none());
+        let pa = &m.peer_authentications[0];
+        assert_eq!(pa.spec.mtls.unwrap().mode, MtlsMode::Strict);
+        assert!(pa.rejected.is_some());
+        // Every one is reported, with the field at fault.
+        let fields: Vec<(String, String)> = t
+            .problems
+            .iter()
+            .map(|p| (p.name.clone(), p.field.clone()))
+            .collect();
+        for want in [
+            (
+                "bookinfo/only-productpage",
+                "spec.rules[0].from[0].source.principal",
+            ),
+            (
+                "legacy/bad-cidr",
+                "spec.rules[0].from[0].source.ipBlocks[0]",
+            ),
+            ("legacy/permit", "spec.action"),
+            ("legacy/audit", "spec.rules[0].frm"),
+            ("legacy/trial", "spec.rules[0].frm"),
+            ("legacy/typo", "spec.mtls.mode"),
+        ] {
+            assert!(
+                fields.contains(&(want.0.into(), want.1.into())),
+                "{want:?} not in {fields:?}"
+            );
+        }
+        // The effect: reviews refuses even its allowed caller; legacy
+        // refuses everyone, plaintext first of all.
+        let reviews = m.workload_by_ip("10.244.1.7".parse().unwrap()).unwrap();
+        let productpage =
+            crate::identity::SpiffeId::new("cluster.local", "bookinfo", "productpage");
+        let d = crate::policy::authorize(
+            m,
+            &crate::policy::ConnInfo {
+                source_identity: Some(&productpage),
+                source_ip: "10.244.2.1".parse().unwrap(),
+                destination: reviews,
+                destination_ip: reviews.ips[0],
+                destination_port: 9080,
+            },
+        );
+        assert!(!d.allowed);
+        assert!(d.reason.contains("could not be read"), "{}", d.reason);
+        let old = m.workload_by_ip("10.244.1.50".parse().unwrap()).unwrap();
+        assert_eq!(crate::policy::mtls_mode(m, old, 80).0, MtlsMode::Strict);
     }
 }

@@ -27,7 +27,7 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 
-use super::translate::{translate, ClusterState};
+use super::translate::{translate, ClusterState, Rejected};
 use crate::model::MeshModel;
 
 /// The custom resources the model reads: (group, version, kind, plural).
@@ -89,6 +89,40 @@ impl Stores {
     }
 }
 
+/// The [`WatchReport`] both proxies use: updates counted in
+/// `sluice_config_updates_total{result="applied"|"partial"}`, rejected
+/// objects in `sluice_config_rejected_objects{kind}`.
+pub struct ClusterReport {
+    pub updates: prometheus_client::metrics::family::Family<
+        crate::metrics::ResultLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    pub policy: crate::metrics::PolicyMetrics,
+}
+
+impl WatchReport for ClusterReport {
+    fn applied(&self, model: &MeshModel) {
+        tracing::info!(
+            workloads = model.workloads.len(),
+            services = model.services.len(),
+            routes = model.http_routes.len(),
+            "mesh model updated from the cluster"
+        );
+        self.updates
+            .get_or_create(&crate::metrics::ResultLabels { result: "applied" })
+            .inc();
+    }
+
+    fn rejected(&self, now: &[Rejected]) {
+        self.policy.set_rejected(now.iter().map(|r| r.kind));
+        if !now.is_empty() {
+            self.updates
+                .get_or_create(&crate::metrics::ResultLabels { result: "partial" })
+                .inc();
+        }
+    }
+}
+
 /// Finds a pod's network namespace (see [`super::translate::NetnsOf`]).
 pub type NetnsResolver = dyn Fn(&Pod) -> Option<String> + Send + Sync;
 
@@ -97,8 +131,9 @@ pub type NetnsResolver = dyn Fn(&Pod) -> Option<String> + Send + Sync;
 pub trait WatchReport: Send + Sync + 'static {
     /// A new model was published.
     fn applied(&self, model: &MeshModel);
-    /// Objects had to be left out of it.
-    fn problems(&self, problems: &[String]);
+    /// The objects that cannot be read changed (each newly rejected one has
+    /// been logged already); `now` may be empty.
+    fn rejected(&self, now: &[Rejected]);
 }
 
 /// Run one watcher feeding `writer`, waking `changed` on every event.
@@ -227,7 +262,7 @@ pub async fn follow_cluster(
         }
     }
     let mut last: Option<String> = None;
-    let mut last_problems: Vec<String> = vec![];
+    let mut last_problems: Vec<Rejected> = vec![];
     let mut publish = {
         let stores = stores.clone();
         let report = report.clone();
@@ -243,8 +278,18 @@ pub async fn follow_cluster(
             // makes every agent re-check its live connections.
             // New problems are reported even when the model stays the same
             // (a bad object left out changes nothing else).
-            if !t.problems.is_empty() && t.problems != last_problems {
-                report.problems(&t.problems);
+            if t.problems != last_problems {
+                for p in t.problems.iter().filter(|p| !last_problems.contains(p)) {
+                    tracing::error!(
+                        kind = p.kind,
+                        object = %p.name,
+                        field = %p.field,
+                        reason = %p.reason,
+                        instead = p.instead,
+                        "{p}"
+                    );
+                }
+                report.rejected(&t.problems);
             }
             last_problems = t.problems;
             let fingerprint = serde_json::to_string(&t.model).unwrap_or_default();

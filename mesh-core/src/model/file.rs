@@ -321,8 +321,22 @@ impl MeshModel {
                     "selector and targetRef(s) are mutually exclusive".into(),
                 ));
             }
+            if matches!(
+                p.spec.action,
+                AuthorizationAction::Deny | AuthorizationAction::Custom
+            ) && p.spec.rules.is_none()
+            {
+                return Err(err(
+                    at("spec.rules"),
+                    "a DENY or CUSTOM policy without rules never matches: add an empty rule `{}` to match every request (as Istio requires)".into(),
+                ));
+            }
+            if let Some(s) = &p.spec.selector {
+                check_selector(s).map_err(|r| err(at("spec.selector.matchLabels"), r))?;
+            }
             for (j, rule) in p.spec.rules.iter().flatten().enumerate() {
-                check_rule(rule).map_err(|(f, r)| err(at(&format!("spec.rules[{j}].{f}")), r))?;
+                check_rule(rule, p.spec.action)
+                    .map_err(|(f, r)| err(at(&format!("spec.rules[{j}].{f}")), r))?;
             }
         }
         let mut pa_names = HashSet::new();
@@ -345,11 +359,14 @@ impl MeshModel {
             for port in p.spec.port_level_mtls.keys() {
                 parse_port(port).map_err(|r| err(at(&format!("spec.portLevelMtls[{port}]")), r))?;
             }
-            if !p.spec.port_level_mtls.is_empty() && p.spec.selector.is_none() {
+            if !p.spec.port_level_mtls.is_empty() && !p.selects_workloads() {
                 return Err(err(
                     at("spec.portLevelMtls"),
-                    "portLevelMtls needs a workload selector (as in Istio)".into(),
+                    "portLevelMtls needs a workload selector with labels: a mesh- or namespace-wide policy cannot have port-level mTLS (as in Istio)".into(),
                 ));
+            }
+            if let Some(s) = &p.spec.selector {
+                check_selector(s).map_err(|r| err(at("spec.selector.matchLabels"), r))?;
             }
         }
 
@@ -625,9 +642,53 @@ fn check_kind(
     Ok(())
 }
 
-fn check_rule(rule: &Rule) -> Result<(), (String, String)> {
+/// One rule of an AuthorizationPolicy, checked as Istio's validation checks
+/// it (so what Istio refuses is refused here too, with the field named).
+fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, String)> {
+    let custom = action == AuthorizationAction::Custom;
     for (i, from) in rule.from.iter().enumerate() {
         let s = &from.source;
+        let at = |f: &str| format!("from[{i}].source{f}");
+        let lists: [(&str, &Vec<String>); 12] = [
+            ("principals", &s.principals),
+            ("notPrincipals", &s.not_principals),
+            ("requestPrincipals", &s.request_principals),
+            ("notRequestPrincipals", &s.not_request_principals),
+            ("namespaces", &s.namespaces),
+            ("notNamespaces", &s.not_namespaces),
+            ("serviceAccounts", &s.service_accounts),
+            ("notServiceAccounts", &s.not_service_accounts),
+            ("ipBlocks", &s.ip_blocks),
+            ("notIpBlocks", &s.not_ip_blocks),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+        ];
+        if lists.iter().all(|(_, l)| l.is_empty()) {
+            return Err((
+                at(""),
+                "a source must not be empty (leave `from` out to match any source)".into(),
+            ));
+        }
+        for (name, list) in lists {
+            check_values(list).map_err(|(j, r)| (at(&format!(".{name}[{j}]")), r))?;
+        }
+        let by_account = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
+        let by_principal = !s.principals.is_empty()
+            || !s.not_principals.is_empty()
+            || !s.namespaces.is_empty()
+            || !s.not_namespaces.is_empty();
+        if by_account && by_principal {
+            return Err((
+                at(".serviceAccounts"),
+                "serviceAccounts cannot be set with principals or namespaces".into(),
+            ));
+        }
+        for (name, list) in [
+            ("serviceAccounts", &s.service_accounts),
+            ("notServiceAccounts", &s.not_service_accounts),
+        ] {
+            check_service_accounts(list).map_err(|r| (at(&format!(".{name}")), r))?;
+        }
         for (name, list) in [
             ("ipBlocks", &s.ip_blocks),
             ("notIpBlocks", &s.not_ip_blocks),
@@ -635,45 +696,195 @@ fn check_rule(rule: &Rule) -> Result<(), (String, String)> {
             ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
         ] {
             for (j, b) in list.iter().enumerate() {
-                parse_ip_block(b).map_err(|r| (format!("from[{i}].source.{name}[{j}]"), r))?;
+                parse_ip_block(b).map_err(|r| (at(&format!(".{name}[{j}]")), r))?;
+            }
+        }
+        if custom {
+            for (name, list) in [
+                ("principals", &s.principals),
+                ("notPrincipals", &s.not_principals),
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("namespaces", &s.namespaces),
+                ("notNamespaces", &s.not_namespaces),
+                ("serviceAccounts", &s.service_accounts),
+                ("notServiceAccounts", &s.not_service_accounts),
+            ] {
+                if !list.is_empty() {
+                    return Err((
+                        at(&format!(".{name}")),
+                        "not supported with action CUSTOM (as in Istio)".into(),
+                    ));
+                }
             }
         }
     }
     for (i, to) in rule.to.iter().enumerate() {
-        for (name, list) in [
-            ("ports", &to.operation.ports),
-            ("notPorts", &to.operation.not_ports),
-        ] {
+        let o = &to.operation;
+        let at = |f: &str| format!("to[{i}].operation{f}");
+        let lists: [(&str, &Vec<String>); 8] = [
+            ("hosts", &o.hosts),
+            ("notHosts", &o.not_hosts),
+            ("ports", &o.ports),
+            ("notPorts", &o.not_ports),
+            ("methods", &o.methods),
+            ("notMethods", &o.not_methods),
+            ("paths", &o.paths),
+            ("notPaths", &o.not_paths),
+        ];
+        if lists.iter().all(|(_, l)| l.is_empty()) {
+            return Err((
+                at(""),
+                "an operation must not be empty (leave `to` out to match any operation)".into(),
+            ));
+        }
+        for (name, list) in lists {
+            check_values(list).map_err(|(j, r)| (at(&format!(".{name}[{j}]")), r))?;
+        }
+        for (name, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
             for (j, p) in list.iter().enumerate() {
-                parse_port(p).map_err(|r| (format!("to[{i}].operation.{name}[{j}]"), r))?;
+                parse_port(p).map_err(|r| (at(&format!(".{name}[{j}]")), r))?;
             }
         }
     }
     for (i, c) in rule.when.iter().enumerate() {
+        let at = |f: &str| format!("when[{i}]{f}");
         if c.key.is_empty() {
-            return Err((format!("when[{i}].key"), "empty condition key".into()));
+            return Err((at(".key"), "empty condition key".into()));
         }
         if c.values.is_empty() && c.not_values.is_empty() {
+            return Err((at(""), "a condition needs values or notValues".into()));
+        }
+        check_condition_key(&c.key).map_err(|r| (at(".key"), r))?;
+        if custom
+            && (matches!(
+                c.key.as_str(),
+                "source.namespace" | "source.serviceAccount" | "source.principal"
+            ) || c.key.starts_with("request.auth."))
+        {
             return Err((
-                format!("when[{i}]"),
-                "a condition needs values or notValues".into(),
+                at(".key"),
+                format!(
+                    "{} is not supported with action CUSTOM (as in Istio)",
+                    c.key
+                ),
             ));
         }
-        if matches!(c.key.as_str(), "source.ip" | "remote.ip" | "destination.ip") {
-            for (j, v) in c.values.iter().chain(&c.not_values).enumerate() {
-                parse_ip_block(v).map_err(|r| (format!("when[{i}].values[{j}]"), r))?;
+        for (name, list) in [("values", &c.values), ("notValues", &c.not_values)] {
+            check_values(list).map_err(|(j, r)| (at(&format!(".{name}[{j}]")), r))?;
+            for (j, v) in list.iter().enumerate() {
+                let bad = |r: String| (at(&format!(".{name}[{j}]")), r);
+                match c.key.as_str() {
+                    "source.ip" | "remote.ip" | "destination.ip" => {
+                        parse_ip_block(v).map_err(bad)?;
+                    }
+                    "destination.port" => {
+                        parse_port(v).map_err(bad)?;
+                    }
+                    _ => {}
+                }
             }
-        }
-        if c.key == "destination.port" {
-            for (j, v) in c.values.iter().chain(&c.not_values).enumerate() {
-                parse_port(v).map_err(|r| (format!("when[{i}].values[{j}]"), r))?;
+            if c.key == "source.serviceAccount" {
+                check_service_accounts(list).map_err(|r| (at(&format!(".{name}")), r))?;
             }
         }
     }
     Ok(())
 }
 
-/// Parse an Istio IP block: a single address or a CIDR.
+/// Istio refuses empty strings in policy lists; the index of the first one.
+fn check_values(list: &[String]) -> Result<(), (usize, String)> {
+    match list.iter().position(|v| v.is_empty()) {
+        Some(j) => Err((j, "empty value not allowed".into())),
+        None => Ok(()),
+    }
+}
+
+/// `serviceAccounts` entries as Istio accepts them: `name` or
+/// `namespace/name`, no wildcard, at most 16 of at most 320 characters.
+fn check_service_accounts(list: &[String]) -> Result<(), String> {
+    if list.len() > 16 {
+        return Err(format!("{} values: at most 16 are allowed", list.len()));
+    }
+    for v in list {
+        if v.contains('*') {
+            return Err(format!("{v:?}: wildcards are not allowed"));
+        }
+        if v.len() > 320 {
+            return Err(format!("{v:?}: longer than 320 characters"));
+        }
+        let parts: Vec<&str> = v.split('/').collect();
+        if parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "{v:?}: expected \"serviceAccount\" or \"namespace/serviceAccount\""
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The condition keys Istio knows (`request.headers[name]` and other map
+/// keys need their name); the retired ones get Istio's explanation.
+fn check_condition_key(k: &str) -> Result<(), String> {
+    let map_key = |prefix: &str| {
+        k.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('['))
+            .and_then(|r| r.strip_suffix(']'))
+            .map(|name| {
+                if name.is_empty() {
+                    Err(format!("{k:?}: expected {prefix}[name]"))
+                } else {
+                    Ok(())
+                }
+            })
+    };
+    match k {
+        "source.ip"
+        | "remote.ip"
+        | "source.namespace"
+        | "source.principal"
+        | "source.serviceAccount"
+        | "request.auth.principal"
+        | "request.auth.audiences"
+        | "request.auth.presenter"
+        | "destination.ip"
+        | "destination.port"
+        | "connection.sni" => Ok(()),
+        "destination.namespace" => Err(format!(
+            "{k}: replaced by the policy's metadata.namespace (as in Istio)"
+        )),
+        "destination.name" | "destination.user" => Err(format!(
+            "{k}: deprecated attribute, only in Istio's v1alpha1 policies"
+        )),
+        _ if k.starts_with("destination.labels") => Err(format!(
+            "{k}: replaced by the workload selector (as in Istio)"
+        )),
+        _ => map_key("request.headers")
+            .or_else(|| map_key("request.auth.claims"))
+            .or_else(|| {
+                k.strip_prefix("experimental.envoy.filters.")
+                    .map(|_| map_key(k.split('[').next().unwrap_or(k)).unwrap_or(Ok(())))
+            })
+            .unwrap_or_else(|| Err(format!("unknown condition key {k:?}"))),
+    }
+}
+
+/// A workload selector as Istio accepts it: no empty keys, no wildcards.
+fn check_selector(s: &super::policy::WorkloadSelector) -> Result<(), String> {
+    for (k, v) in &s.match_labels {
+        if k.is_empty() {
+            return Err(format!("empty label key (\"={v}\")"));
+        }
+        if k.contains('*') || v.contains('*') {
+            return Err(format!("{k}={v}: wildcards are not supported in selectors"));
+        }
+    }
+    Ok(())
+}
+
+/// Parse an Istio IP block: a single address or a CIDR. As in Istio, host
+/// bits are allowed and only the prefix counts (`10.0.1.7/24` is
+/// `10.0.1.0/24`).
 pub fn parse_ip_block(s: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
@@ -681,13 +892,7 @@ pub fn parse_ip_block(s: &str) -> Result<IpNet, String> {
     let net: IpNet = s
         .parse()
         .map_err(|_| format!("bad CIDR {s:?}: expected an IP address or address/prefix"))?;
-    if net.trunc() != net {
-        return Err(format!(
-            "bad CIDR {s:?}: host bits set (did you mean {}?)",
-            net.trunc()
-        ));
-    }
-    Ok(net)
+    Ok(net.trunc())
 }
 
 /// Parse a port given as a string (Istio writes ports as strings).
@@ -956,8 +1161,13 @@ authorizationPolicies:
             "authorizationPolicies[0].spec.rules[0].from[0].source.ipBlocks[0]"
         );
         assert!(e.reason.contains("bad CIDR"), "{e}");
-        let e = err_of(&yaml.replace("10.0.0.0/33", "10.0.0.1/24"));
-        assert!(e.reason.contains("host bits set"), "{e}");
+        // Istio rule: host bits are allowed, the prefix is what counts.
+        let m = MeshModel::from_yaml(&yaml.replace("10.0.0.0/33", "10.0.0.1/24"), "m").unwrap();
+        assert_eq!(m.authorization_policies.len(), 1);
+        assert_eq!(
+            parse_ip_block("10.0.1.7/24").unwrap(),
+            "10.0.1.0/24".parse::<IpNet>().unwrap()
+        );
     }
 
     #[test]
@@ -981,6 +1191,100 @@ authorizationPolicies:
             e.field.starts_with("peerAuthentications[0].spec.mtls.mode"),
             "{e}"
         );
+    }
+
+    /// What Istio's validation refuses is refused here, naming the field
+    /// (`ValidateAuthorizationPolicy`, `ValidatePeerAuthentication`,
+    /// `security.ValidateAttribute`, `CheckServiceAccount`).
+    #[test]
+    fn policies_istio_refuses_are_refused_with_the_field() {
+        let ap = |spec: &str| {
+            format!("authorizationPolicies: [{{metadata: {{name: p}}, spec: {spec}}}]")
+        };
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "{rules: [{from: [{source: {}}]}]}",
+                "spec.rules[0].from[0].source",
+                "must not be empty",
+            ),
+            (
+                "{rules: [{to: [{operation: {}}]}]}",
+                "spec.rules[0].to[0].operation",
+                "must not be empty",
+            ),
+            (
+                "{rules: [{from: []}]}",
+                "spec.rules[0].from",
+                "must not be empty",
+            ),
+            ("{action: DENY}", "spec.rules", "without rules"),
+            (
+                "{rules: [{from: [{source: {principals: [\"\"]}}]}]}",
+                "spec.rules[0].from[0].source.principals[0]",
+                "empty value",
+            ),
+            (
+                "{rules: [{from: [{source: {serviceAccounts: [a], namespaces: [b]}}]}]}",
+                "spec.rules[0].from[0].source.serviceAccounts",
+                "cannot be set with",
+            ),
+            (
+                "{rules: [{from: [{source: {serviceAccounts: [\"ns/*\"]}}]}]}",
+                "spec.rules[0].from[0].source.serviceAccounts",
+                "wildcard",
+            ),
+            (
+                "{rules: [{from: [{source: {notServiceAccounts: [a/b/c]}}]}]}",
+                "spec.rules[0].from[0].source.notServiceAccounts",
+                "expected",
+            ),
+            (
+                "{rules: [{when: [{key: \"request.hedaers[x]\", values: [a]}]}]}",
+                "spec.rules[0].when[0].key",
+                "unknown condition key",
+            ),
+            (
+                "{rules: [{when: [{key: \"request.headers[]\", values: [a]}]}]}",
+                "spec.rules[0].when[0].key",
+                "expected request.headers[name]",
+            ),
+            (
+                "{rules: [{when: [{key: \"destination.labels[app]\", values: [a]}]}]}",
+                "spec.rules[0].when[0].key",
+                "workload selector",
+            ),
+            (
+                "{rules: [{when: [{key: remote.ip, notValues: [nope]}]}]}",
+                "spec.rules[0].when[0].notValues[0]",
+                "bad CIDR",
+            ),
+            (
+                "{selector: {matchLabels: {app: \"web*\"}}}",
+                "spec.selector.matchLabels",
+                "wildcard",
+            ),
+        ];
+        for (spec, field, reason) in cases {
+            let e = err_of(&ap(spec));
+            assert_eq!(
+                e.field,
+                format!("authorizationPolicies[0].{field}"),
+                "{spec}: {e}"
+            );
+            assert!(e.reason.contains(reason), "{spec}: {e}");
+        }
+        let e = err_of(
+            "peerAuthentications: [{metadata: {name: p}, spec: {selector: {}, portLevelMtls: {\"80\": {mode: DISABLE}}}}]",
+        );
+        assert_eq!(e.field, "peerAuthentications[0].spec.portLevelMtls");
+        // And what Istio accepts is accepted.
+        for spec in [
+            "{rules: [{from: [{source: {serviceAccounts: [sleep, bar/sleep]}}]}]}",
+            "{rules: [{when: [{key: source.serviceAccount, values: [bar/sleep]}, {key: \"request.auth.claims[iss]\", values: [x]}, {key: connection.sni, values: [a.example]}]}]}",
+            "{action: DENY, rules: [{}]}",
+        ] {
+            MeshModel::from_yaml(&ap(spec), "m").unwrap_or_else(|e| panic!("{spec}: {e}"));
+        }
     }
 
     #[test]

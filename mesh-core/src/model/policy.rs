@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Kubernetes-style object metadata: the parts policies need.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: String,
     #[serde(default = "default_namespace")]
@@ -19,6 +19,19 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// When the object was created (RFC 3339, as Kubernetes writes it).
+    /// Istio breaks ties between conflicting objects by age (the oldest
+    /// wins), then by name; without it only the name decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+}
+
+impl ObjectMeta {
+    /// The order in which Istio lets conflicting objects win: oldest first,
+    /// then by name (an object without a timestamp counts as oldest).
+    pub fn precedence(&self) -> (Option<&str>, &str) {
+        (self.creation_timestamp.as_deref(), self.name.as_str())
+    }
 }
 
 pub(crate) fn default_namespace() -> String {
@@ -35,6 +48,12 @@ pub struct WorkloadSelector {
 }
 
 impl WorkloadSelector {
+    /// `selector: {}` (or `matchLabels: {}`): Istio reads it as no selector
+    /// at all for PeerAuthentication scope (namespace- or mesh-wide).
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty()
+    }
+
     /// True when every label of the selector is present with the same value.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.match_labels
@@ -55,6 +74,10 @@ pub struct PolicyTargetReference {
     pub namespace: Option<String>,
 }
 
+/// Istio's annotation that makes an AuthorizationPolicy report what it
+/// would decide instead of enforcing it.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
 /// `security.istio.io/v1` AuthorizationPolicy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -66,6 +89,42 @@ pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: AuthorizationPolicySpec,
+    /// Set on the stand-in for a policy that could not be read (Kubernetes
+    /// mode): why. The stand-in denies in the policy's scope (see
+    /// [`crate::kube::translate`]); a mesh file cannot set this.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+}
+
+impl AuthorizationPolicy {
+    /// `namespace/name`, as policies are named in logs and metrics.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    }
+
+    /// The value of `istio.io/dry-run`, read as Go's `strconv.ParseBool`
+    /// reads it (as Istio does): `None` when absent, `Err` when it is not a
+    /// boolean (Istio then enforces the policy, and so does Sluice).
+    pub fn dry_run_annotation(&self) -> Option<Result<bool, String>> {
+        self.metadata
+            .annotations
+            .get(DRY_RUN_ANNOTATION)
+            .map(|v| match v.as_str() {
+                "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+                "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+                _ => Err(format!("{DRY_RUN_ANNOTATION}: {v:?} is not a boolean")),
+            })
+    }
+
+    /// Evaluated and reported, never enforced: `istio.io/dry-run: "true"`
+    /// on an ALLOW or DENY policy (Istio's dry run covers those two
+    /// actions only; on others the annotation is ignored).
+    pub fn is_dry_run(&self) -> bool {
+        matches!(
+            self.spec.action,
+            AuthorizationAction::Allow | AuthorizationAction::Deny
+        ) && matches!(self.dry_run_annotation(), Some(Ok(true)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,12 +166,39 @@ pub struct ExtensionProvider {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Absent matches any source; an empty list is refused (as in Istio).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "non_empty"
+    )]
     pub from: Vec<RuleFrom>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Absent matches any operation; an empty list is refused.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "non_empty"
+    )]
     pub to: Vec<RuleTo>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<Condition>,
+}
+
+/// A list that, when present, must hold something: `from: []` reads as
+/// "match any source" in one tool and "match nothing" in another, so Istio
+/// refuses it, and so does Sluice.
+fn non_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let v = Vec::<T>::deserialize(d)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom(
+            "must not be empty (leave the field out to match anything)",
+        ));
+    }
+    Ok(v)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,7 +215,9 @@ pub struct RuleTo {
     pub operation: Operation,
 }
 
-/// Who a rule matches. Field names as in Istio's `Source`.
+/// Who a rule matches. Field names as in Istio's `Source`;
+/// `remoteIpBlocks` and `requestPrincipals` (and their negations) are
+/// L7-only: they come from request headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
@@ -145,6 +233,13 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
+    /// Kubernetes service accounts of the peer, `namespace/name` or just
+    /// `name` (then in the policy's namespace), exact match only (Istio
+    /// 1.25+).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -201,6 +296,24 @@ pub struct PeerAuthentication {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
+    /// Set on the stand-in for a policy that could not be read (Kubernetes
+    /// mode): why. The stand-in is STRICT in the policy's scope and wins
+    /// over readable policies of the same scope.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+}
+
+impl PeerAuthentication {
+    /// `namespace/name`, as policies are named in logs and metrics.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    }
+
+    /// A workload policy: a selector with at least one label. Without
+    /// labels (`selector: {}`) Istio reads it as namespace- (or mesh-) wide.
+    pub fn selects_workloads(&self) -> bool {
+        self.spec.selector.as_ref().is_some_and(|s| !s.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
