@@ -685,6 +685,116 @@ fn authorization_policy_lets_allowed_pairs_through_and_stops_the_rest() {
     );
 }
 
+/// A gauge without labels from a metrics page.
+fn gauge(text: &str, name: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Poll `f` until it holds, or fail with `what` and node-b's log.
+fn eventually(t: &Topology, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}:\n{}",
+            t.agent_log("node-b")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Istio parity at run time, with real agents and eBPF capture: DENY rules
+/// whose clauses hold only L7 attributes (methods; remoteIpBlocks, which
+/// come from X-Forwarded-For) have no effect at the node agent — said in a
+/// warning and a gauge —, and a dry-run DENY that matches is counted and
+/// logged but lets the connection through, until the annotation goes.
+#[test]
+fn l7_only_deny_rules_and_dry_run_policies_never_refuse_at_l4() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    let server = addr(&t, "server", 8080);
+    let l7_only = r#"authorizationPolicies:
+  - metadata: {name: no-posts, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: server}}
+      action: DENY
+      rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/client"]}}], to: [{operation: {methods: [POST]}}]}]
+  - metadata: {name: no-remote, namespace: shop}
+    spec:
+      action: DENY
+      rules: [{from: [{source: {remoteIpBlocks: ["0.0.0.0/0"]}}]}]
+"#;
+    let before = applied(&t);
+    write_mesh_with(&t, true, l7_only);
+    wait_applied(&t, before);
+    eventually(&t, "no gauge of policies without effect", || {
+        gauge(&t.metrics("node-b"), "sluice_policies_ineffective_at_l4") == Some(2)
+    });
+    assert_eq!(
+        exchange(t.pod("client"), server, b"not refused".to_vec()).unwrap(),
+        b"not refused"
+    );
+    eventually(&t, "no warning naming the policy and the clause", || {
+        let log = t.agent_log("node-b");
+        log.contains("never match at the node agent")
+            && log.contains("shop/no-posts")
+            && log.contains("rules[0] (to: methods)")
+    });
+
+    let dry_run = |annotated: bool| {
+        let annotations = if annotated {
+            ", annotations: {istio.io/dry-run: \"true\"}"
+        } else {
+            ""
+        };
+        format!(
+            "authorizationPolicies:\n  - metadata: {{name: trial, namespace: shop{annotations}}}\n    spec: {{action: DENY, rules: [{{from: [{{source: {{principals: [\"cluster.local/ns/shop/sa/client\"]}}}}]}}]}}\n"
+        )
+    };
+    let before = applied(&t);
+    write_mesh_with(&t, true, &dry_run(true));
+    wait_applied(&t, before);
+    for i in 0..3 {
+        let m = format!("dry run {i}").into_bytes();
+        assert_eq!(exchange(t.pod("client"), server, m.clone()).unwrap(), m);
+    }
+    let b = t.metrics("node-b");
+    let counted = |decision: &str| {
+        metric(
+            &b,
+            "sluice_policy_dry_run_total",
+            &[
+                r#"policy="shop/trial""#,
+                &format!("decision=\"{decision}\""),
+            ],
+        )
+    };
+    assert_eq!((counted("deny"), counted("allow")), (3, 0), "{b}");
+    assert_eq!(
+        metric(
+            &b,
+            "sluice_policy_denials_total",
+            &[r#"policy="shop/trial""#]
+        ),
+        0
+    );
+    assert!(
+        t.agent_log("node-b")
+            .contains("dry-run policy would deny (not enforced)"),
+        "{}",
+        t.agent_log("node-b")
+    );
+    // The same policy enforced refuses.
+    let before = applied(&t);
+    write_mesh_with(&t, true, &dry_run(false));
+    wait_applied(&t, before);
+    let r = exchange(t.pod("client"), server, b"denied".to_vec());
+    assert!(r.as_ref().map(|b| b.is_empty()).unwrap_or(true), "{r:?}");
+}
+
 #[test]
 fn strict_peer_authentication_rejects_plaintext_and_permissive_accepts_it() {
     if !e2e_available() {

@@ -1,8 +1,8 @@
 //! Node agents in Kubernetes mode against a real API server (etcd +
 //! kube-apiserver v1.20 started by the harness): objects created, patched
 //! and deleted through the API become the agents' mesh model, enrollment
-//! and policy — including label flips, deletions, a policy with a typo and
-//! an API server restart in the middle. Pods stand in with loopback
+//! and policy — including label flips, deletions, a policy with a typo
+//! (which fails closed) and an API server restart in the middle. Pods stand in with loopback
 //! addresses (their status is patched in: no kubelet runs).
 
 use std::net::SocketAddr;
@@ -279,11 +279,38 @@ async fn agents_follow_the_cluster_through_changes_and_an_api_server_restart() {
         !works(&a, &redirects, c_ip, vip).await,
         "the DENY policy must stop it"
     );
-    // A policy with a typo is left out (and said so); the rest stays.
-    api.apply("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: shop}\nspec:\n  acton: DENY\n");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(b.ctx.model().authorization_policies.len(), 1);
+    api.kubectl(&["delete", "authorizationpolicy", "-n", "shop", "deny-client"]);
+    assert!(eventually(T, || b.ctx.model().authorization_policies.is_empty()).await);
+    assert!(works(&a, &redirects, c_ip, vip).await);
+
+    // The only ALLOW policy of the server, with a typo in a rule: it cannot
+    // be read, and it must not open the server to everyone. Its stand-in
+    // allows nothing; it is logged and counted.
+    let only = |field: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only-admin, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n  action: ALLOW\n  rules: [{{from: [{{source: {{{field}: [cluster.local/ns/shop/sa/admin]}}}}]}}]\n")
+    };
+    api.apply(&only("principal"));
+    assert!(
+        eventually(T, || b.ctx.model().authorization_policies.iter().any(|p| p
+            .metadata
+            .name
+            == "only-admin"
+            && p.rejected.is_some()))
+        .await
+    );
+    assert!(
+        !works(&a, &redirects, c_ip, vip).await,
+        "an unreadable ALLOW policy opened the server"
+    );
+    let rejected = |m: &str| {
+        metric(
+            m,
+            "sluice_config_rejected_objects",
+            &[r#"kind="AuthorizationPolicy""#],
+        )
+    };
     let (_, metrics) = http_get(b.metrics_addr, "/metrics").await;
+    assert_eq!(rejected(&metrics), 1, "{metrics}");
     assert!(
         metric(
             &metrics,
@@ -292,14 +319,27 @@ async fn agents_follow_the_cluster_through_changes_and_an_api_server_restart() {
         ) >= 1,
         "{metrics}"
     );
-    api.kubectl(&[
-        "delete",
-        "authorizationpolicy",
-        "-n",
-        "shop",
-        "deny-client",
-        "typo",
-    ]);
+    let denied = metric(
+        &metrics,
+        "sluice_policy_denials_total",
+        &[r#"policy="shop/only-admin""#],
+    );
+    assert!(denied >= 1, "{metrics}");
+    // Fixed, it is read as written (still not the client), and the gauge
+    // goes back to 0; deleted, the server is open again.
+    api.apply(&only("principals"));
+    assert!(
+        eventually(T, || b.ctx.model().authorization_policies.iter().any(|p| p
+            .metadata
+            .name
+            == "only-admin"
+            && p.rejected.is_none()))
+        .await
+    );
+    assert!(!works(&a, &redirects, c_ip, vip).await);
+    let (_, metrics) = http_get(b.metrics_addr, "/metrics").await;
+    assert_eq!(rejected(&metrics), 0, "{metrics}");
+    api.kubectl(&["delete", "authorizationpolicy", "-n", "shop", "only-admin"]);
     assert!(eventually(T, || b.ctx.model().authorization_policies.is_empty()).await);
     assert!(works(&a, &redirects, c_ip, vip).await);
 

@@ -280,5 +280,33 @@ fn analyze_and_check_mesh_files() {
         report["applicablePolicies"][0],
         "ALLOW shop/server-from-client"
     );
+
+    // A DENY whose only clause is L7 (no effect at L4, as in Istio) is
+    // named with the clause; a dry-run one shows what it would decide.
+    let l7 = dir.join("l7.yaml");
+    std::fs::write(
+        &l7,
+        format!(
+            "{MESH}  - metadata: {{name: no-posts, namespace: shop}}\n    spec: {{action: DENY, rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]}}\n  - metadata: {{name: trial, namespace: shop, annotations: {{istio.io/dry-run: \"true\"}}}}\n    spec: {{action: DENY, rules: [{{}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = sluicectl(&["analyze", l7.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("shop/no-posts") && out.contains("rules[0] (to: methods)"),
+        "{out}"
+    );
+    let (code, out, _) = sluicectl(&[
+        "check",
+        "--mesh-file",
+        l7.to_str().unwrap(),
+        "--from",
+        "shop/client",
+        "--to",
+        "127.231.7.2:8080",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("shop/trial would deny"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }

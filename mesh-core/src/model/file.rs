@@ -746,6 +746,19 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
                 parse_port(p).map_err(|r| (at(&format!(".{name}[{j}]")), r))?;
             }
         }
+        for (name, list) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+            // A template Sluice read as a literal would never match: a DENY
+            // would let through what Istio denies.
+            if let Some(j) = list
+                .iter()
+                .position(|p| p.contains("{*}") || p.contains("{**}"))
+            {
+                return Err((
+                    at(&format!(".{name}[{j}]")),
+                    "path templates ({*}, {**}) are not supported by Sluice".into(),
+                ));
+            }
+        }
     }
     for (i, c) in rule.when.iter().enumerate() {
         let at = |f: &str| format!("when[{i}]{f}");

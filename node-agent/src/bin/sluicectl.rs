@@ -498,6 +498,26 @@ fn run(cli: Cli) -> Result<i32> {
                         },
                     ],
                     vec![
+                        "DRY RUN".into(),
+                        if report.decision.dry_run.is_empty() {
+                            "-".into()
+                        } else {
+                            report
+                                .decision
+                                .dry_run
+                                .iter()
+                                .map(|d| {
+                                    format!(
+                                        "{} would {}",
+                                        d.policy,
+                                        if d.allowed { "allow" } else { "deny" }
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        },
+                    ],
+                    vec![
                         "VERDICT".into(),
                         format!(
                             "{}: {}",
