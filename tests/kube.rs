@@ -737,6 +737,81 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
         "the waypoint did not pick up the edited HTTPRoute"
     );
     assert_eq!(get(Some("v2")).await, "v1 GET / -");
+
+    // The route's status says it was accepted and its references resolve,
+    // in the waypoint's own entry (Gateway API route status).
+    let routes = ::kube::api::Api::<::kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        "web",
+        &::kube::api::ApiResource::from_gvk_with_plural(
+            &::kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+            "httproutes",
+        ),
+    );
+    let condition = |name: &'static str, kind: &'static str| {
+        let routes = routes.clone();
+        async move {
+            let r = routes.get(name).await.ok()?;
+            let parents = r.data.get("status")?.get("parents")?.as_array()?.clone();
+            let ours = parents
+                .iter()
+                .find(|p| p["controllerName"] == "sluice.dev/waypoint")?;
+            let c = ours["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == kind)?
+                .clone();
+            Some((
+                c["status"].as_str()?.to_string(),
+                c["reason"].as_str()?.to_string(),
+            ))
+        }
+    };
+    let wait_condition =
+        |name: &'static str, kind: &'static str, want: (&'static str, &'static str)| async move {
+            let deadline = tokio::time::Instant::now() + T;
+            loop {
+                let got = condition(name, kind).await;
+                if got.as_ref().map(|(s, r)| (s.as_str(), r.as_str())) == Some(want) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{name} {kind}: {got:?}, wanted {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+    wait_condition("web", "Accepted", ("True", "Accepted")).await;
+    wait_condition("web", "ResolvedRefs", ("True", "ResolvedRefs")).await;
+
+    // A backend in another namespace needs a ReferenceGrant there: without
+    // it the rule answers 500 and the status says RefNotPermitted; with it
+    // the request is served.
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: other, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: elsewhere, namespace: other}}\nspec: {{selector: {{app: elsewhere}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web, namespace: web}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n    - matches: [{{headers: [{{name: x-version, value: other}}]}}]\n      backendRefs: [{{name: elsewhere, namespace: other, port: 80}}]\n    - backendRefs: [{{name: web-v1, port: 80}}]\n",
+        pod("elsewhere", "other", "node-b", "app: elsewhere"),
+    ));
+    set_ip(&client, "other", "elsewhere", ipn(4)).await;
+    let _v3 = serve_http(
+        tokio::net::TcpListener::bind(SocketAddr::new(ipn(4), 8080))
+            .await
+            .unwrap(),
+        "v3",
+    );
+    wait_condition("web", "ResolvedRefs", ("False", "RefNotPermitted")).await;
+    assert_eq!(get(Some("other")).await, "invalid backend");
+    api.apply("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: from-web, namespace: other}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: web}]\n  to: [{group: \"\", kind: Service, name: elsewhere}]\n");
+    wait_condition("web", "ResolvedRefs", ("True", "ResolvedRefs")).await;
+    let mut served = String::new();
+    for _ in 0..100 {
+        served = get(Some("other")).await;
+        if served == "v3 GET / -" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served, "v3 GET / -");
 }
 
 /// The certificate service against the API server: a node agent obtains the

@@ -304,6 +304,31 @@ pub fn analyze(m: &MeshModel) -> Vec<Finding> {
             _ => {}
         }
     }
+    for r in &m.http_routes {
+        let object = format!("HTTPRoute {}/{}", r.metadata.namespace, r.metadata.name);
+        for c in crate::model::route_status::conditions(m, r) {
+            for cond in c.conditions.iter().filter(|x| !x.status) {
+                push(
+                    Level::Error,
+                    object.clone(),
+                    format!(
+                        "parent {}: {} is False ({}): {}",
+                        c.parent, cond.kind, cond.reason, cond.message
+                    ),
+                );
+            }
+            if c.consumer {
+                push(
+                    Level::Info,
+                    object.clone(),
+                    format!(
+                        "consumer route for {}: it applies to clients in namespace {} only (GAMMA), instead of the service's own routes",
+                        c.parent, r.metadata.namespace
+                    ),
+                );
+            }
+        }
+    }
     out.sort_by(|a, b| b.level.cmp(&a.level).then(a.object.cmp(&b.object)));
     out
 }

@@ -203,6 +203,7 @@ pub async fn check(
         name: name.to_string(),
         port,
         weight: 1,
+        problem: None,
     };
     let fail_open = provider
         .envoy_ext_authz_http

@@ -17,6 +17,7 @@ pub mod inbound;
 pub mod otlp;
 pub mod proxy;
 pub mod ratelimit;
+pub mod route_status;
 pub mod routes;
 pub mod telemetry;
 pub mod upstream;
@@ -139,7 +140,8 @@ pub enum WaypointError {
 /// Compiled route tables of the current model.
 struct RouteCache {
     model: usize,
-    tables: HashMap<(String, String, u16), Arc<RouteTable>>,
+    /// Per service, port and the namespace whose routes apply.
+    tables: HashMap<(String, String, u16, String), Arc<RouteTable>>,
 }
 
 /// State shared by every task of the waypoint.
@@ -185,15 +187,24 @@ impl Ctx {
         self.model.borrow().clone()
     }
 
-    /// The compiled routes of a service port (cached per model version).
+    /// The compiled routes of a service port for callers in `caller_ns`
+    /// (cached per model version, and shared by the callers the same
+    /// routes apply to).
     pub fn routes(
         &self,
         model: &Arc<MeshModel>,
         svc: &Service,
         port: u16,
+        caller_ns: &str,
     ) -> Result<Arc<RouteTable>, RouteError> {
         let version = Arc::as_ptr(model) as usize;
-        let key = (svc.namespace.clone(), svc.name.clone(), port);
+        let (route_ns, _) = model.routes_for_caller(svc, port, caller_ns);
+        let key = (
+            svc.namespace.clone(),
+            svc.name.clone(),
+            port,
+            route_ns.to_string(),
+        );
         {
             let cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             if cache.model == version {
@@ -202,7 +213,7 @@ impl Ctx {
                 }
             }
         }
-        let table = Arc::new(RouteTable::build(model, svc, port)?);
+        let table = Arc::new(RouteTable::build(model, svc, port, caller_ns)?);
         let mut cache = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         if cache.model != version {
             cache.model = version;
@@ -280,6 +291,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
     let metrics = WaypointMetrics::register(&mut registry);
     let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::empty("cluster.local")));
     let mut tasks = vec![];
+    let mut kube_client = None;
     let loaded = match &cfg.kube {
         None => {
             let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
@@ -290,6 +302,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
             let client = mesh_core::kube::client(k.kubeconfig.as_deref())
                 .await
                 .map_err(WaypointError::Kube)?;
+            kube_client = Some(client.clone());
             let report = Arc::new(mesh_core::kube::watch::ClusterReport {
                 updates: metrics.config_updates.clone(),
                 policy: metrics.policy.clone(),
@@ -328,6 +341,14 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
             );
         }
         let _ = tokio::time::timeout(KUBE_START_WAIT, rx.wait_for(|m| present(m))).await;
+    }
+    if let Some(client) = kube_client {
+        tasks.push(tokio::spawn(route_status::follow(
+            client,
+            model_rx.clone(),
+            cfg.namespace.clone(),
+            cfg.name.clone(),
+        )));
     }
     let model = model_rx.borrow().clone();
     let gw = model

@@ -175,7 +175,8 @@ async fn process(
     };
 
     // 1. route
-    let table = match ctx.routes(model, svc, conn.port) {
+    // GAMMA: consumer routes apply to callers of their own namespace.
+    let table = match ctx.routes(model, svc, conn.port, conn.source_identity.namespace()) {
         Ok(t) => t,
         Err(e) => {
             return deny(
@@ -355,30 +356,18 @@ async fn process(
 
     // 5. redirect / rewrite
     if let Some(r) = &rule.redirect {
-        let host = rec
-            .host
-            .rsplit_once(':')
-            .map_or(rec.host.as_str(), |(h, _)| h);
-        let host = r.hostname.as_deref().unwrap_or(host);
-        let path = match &r.path {
-            Some(m) => modify_path(m, req.uri().path(), routed.matched_prefix),
-            None => req.uri().path().to_string(),
-        };
-        let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
-        let q = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{query}")
-        };
-        let location = format!(
-            "{}://{host}{port}{path}{q}",
-            r.scheme.as_deref().unwrap_or("http")
+        let location = redirect_location(
+            r,
+            &rec.host,
+            conn.port,
+            req.uri().path(),
+            &query,
+            routed.matched_prefix,
         );
-        let status = if r.status_code == Some(301) {
-            StatusCode::MOVED_PERMANENTLY
-        } else {
-            StatusCode::FOUND
-        };
+        let status = r
+            .status_code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::FOUND);
         let mut resp = local(status, "redirect");
         if let Ok(v) = HeaderValue::from_str(&location) {
             resp.headers_mut().insert(http::header::LOCATION, v);
@@ -713,6 +702,53 @@ pub(crate) async fn send_once(
     }
 }
 
+/// The `Location` of a redirect, as Gateway API derives it: the scheme,
+/// host and path of the filter or of the request; the port of the filter,
+/// else the scheme's well-known port when the filter sets a scheme, else the
+/// port the request came to (the service port); and no port in `Location`
+/// when it is the scheme's default (80 for http, 443 for https).
+fn redirect_location(
+    r: &mesh_core::model::gateway::RequestRedirect,
+    request_host: &str,
+    service_port: u16,
+    path: &str,
+    query: &str,
+    matched_prefix: Option<&str>,
+) -> String {
+    let host = strip_port(request_host);
+    let host = r.hostname.as_deref().unwrap_or(host);
+    let path = match &r.path {
+        Some(m) => modify_path(m, path, matched_prefix),
+        None => path.to_string(),
+    };
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let port = r.port.unwrap_or(if r.scheme.is_some() {
+        default_port
+    } else {
+        service_port
+    });
+    let port = if port == default_port {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let q = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{scheme}://{host}{port}{path}{q}")
+}
+
+/// A `Host` without its port (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    }
+}
+
 /// Pick a backend by weight.
 fn weighted(backends: &[Backend]) -> Option<&Backend> {
     let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
@@ -771,6 +807,17 @@ async fn forward(
                 "no backend",
             );
         };
+        if let Some(p) = &backend.problem {
+            // Gateway API: the share of requests an invalid backend would
+            // get is answered with a 500.
+            return deny(
+                rec,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "NC",
+                format!("backend {}/{}: {p}", backend.namespace, backend.name),
+                "invalid backend",
+            );
+        }
         let body = match (&buffered, streaming.take()) {
             (Some(b), _) => full(b.clone()),
             (None, Some(s)) => s.boxed(),
@@ -1056,5 +1103,47 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::model::gateway::RequestRedirect;
+
+    /// Gateway API `HTTPRequestRedirectFilter.port` (conformance:
+    /// MeshHTTPRouteRedirectPort, HTTPRouteRedirectPortAndScheme): without a
+    /// port, the scheme's well-known port when a scheme is set, else the
+    /// port the request came to; never the default port of the scheme in
+    /// `Location`.
+    #[test]
+    fn redirect_ports_follow_gateway_api() {
+        let loc = |r: RequestRedirect, service_port: u16| {
+            redirect_location(&r, "echo:8080", service_port, "/p", "", None)
+        };
+        let r = |scheme: Option<&str>, port: Option<u16>| RequestRedirect {
+            scheme: scheme.map(str::to_string),
+            port,
+            ..Default::default()
+        };
+        assert_eq!(loc(r(None, None), 8080), "http://echo:8080/p");
+        assert_eq!(loc(r(None, None), 80), "http://echo/p");
+        assert_eq!(loc(r(None, Some(8083)), 8080), "http://echo:8083/p");
+        assert_eq!(loc(r(None, Some(80)), 8080), "http://echo/p");
+        assert_eq!(loc(r(Some("https"), None), 8080), "https://echo/p");
+        assert_eq!(loc(r(Some("https"), Some(443)), 8080), "https://echo/p");
+        assert_eq!(
+            loc(r(Some("https"), Some(8443)), 8080),
+            "https://echo:8443/p"
+        );
+        assert_eq!(loc(r(Some("http"), None), 8080), "http://echo/p");
+        let host = RequestRedirect {
+            hostname: Some("example.org".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            redirect_location(&host, "[fd00::1]:8080", 8080, "/p", "a=b", None),
+            "http://example.org:8080/p?a=b"
+        );
     }
 }

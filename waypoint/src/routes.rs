@@ -1,20 +1,30 @@
-//! The route table: the HTTPRoutes attached to one service port, compiled
-//! (regexes built, durations parsed) and ordered by Gateway API precedence,
-//! so that finding a request's rule is one pass over a list.
+//! The route table: the HTTPRoutes that apply to one service port for the
+//! callers of one namespace (GAMMA: the caller's own consumer routes if it
+//! has any, else the service's producer routes), compiled (regexes built,
+//! durations parsed, backends resolved) and ordered by Gateway API
+//! precedence, so that finding a request's rule is one pass over a list.
 //!
 //! Precedence across all rules of all routes, as the Gateway API specifies:
 //! exact path, then the longest prefix (regular expressions after both),
 //! then a method match, then the most header matches, then the most query
-//! matches; ties go to the route listed first, then rule order. A service
+//! matches; ties go to the oldest route (`creationTimestamp`), then to
+//! `namespace/name` in alphabetical order, then to rule order. A service
 //! without routes gets one rule sending everything to itself; a service
 //! with routes answers 404 to what none of them matches.
+//!
+//! What Gateway API says of edge cases, kept here: in one match, of several
+//! header (case-insensitively) or query entries with the same name only the
+//! first counts, and so in a header filter's `set` and `add`; a zero
+//! timeout disables the timeout; a backend that cannot be used (missing, not
+//! a Service, another namespace's without a ReferenceGrant) answers 500 for
+//! the share of requests it would get.
 
 use std::time::Duration;
 
 use http::{HeaderMap, Method};
 use mesh_core::model::gateway::{
-    parse_duration, HeaderModifier, HttpHeaderMatch, HttpRouteFilterType, HttpRouteRule,
-    PathMatchType, PathModifier, RequestRedirect, UrlRewrite, ValueMatchType,
+    parse_duration, BackendProblem, HeaderModifier, HttpHeaderMatch, HttpRouteFilterType,
+    HttpRouteRule, PathMatchType, PathModifier, RequestRedirect, UrlRewrite, ValueMatchType,
 };
 use mesh_core::model::{MeshModel, Service};
 use regex::Regex;
@@ -26,6 +36,8 @@ pub struct Backend {
     pub name: String,
     pub port: u16,
     pub weight: u32,
+    /// Why it cannot be used (its share of requests gets a 500).
+    pub problem: Option<BackendProblem>,
 }
 
 /// Why and how to retry, compiled from `retry`.
@@ -155,26 +167,59 @@ fn duration(d: &Option<String>) -> Result<Option<Duration>, String> {
     d.as_deref().map(parse_duration).transpose()
 }
 
+/// A Gateway API timeout: zero disables it.
+fn timeout(d: &Option<String>) -> Result<Option<Duration>, String> {
+    Ok(duration(d)?.filter(|t| !t.is_zero()))
+}
+
+/// Of entries with the same key, the first (Gateway API: "only the first
+/// entry with an equivalent name MUST be considered").
+fn first_of<T, K: PartialEq>(items: impl IntoIterator<Item = T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    let mut out: Vec<T> = vec![];
+    for i in items {
+        if !out.iter().any(|o| key(o) == key(&i)) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// A header modifier with one `set` and one `add` per header name (the
+/// first), names compared case-insensitively.
+fn dedup_modifier(m: &HeaderModifier) -> HeaderModifier {
+    let lower = |h: &&mesh_core::model::gateway::HttpHeader| h.name.to_ascii_lowercase();
+    HeaderModifier {
+        set: first_of(m.set.iter(), lower).into_iter().cloned().collect(),
+        add: first_of(m.add.iter(), lower).into_iter().cloned().collect(),
+        remove: m.remove.clone(),
+    }
+}
+
 impl RouteTable {
-    /// Compile the routes of `svc` port `port`.
-    pub fn build(model: &MeshModel, svc: &Service, port: u16) -> Result<RouteTable, RouteError> {
+    /// Compile the routes of `svc` port `port` for callers in `caller_ns`.
+    pub fn build(
+        model: &MeshModel,
+        svc: &Service,
+        port: u16,
+        caller_ns: &str,
+    ) -> Result<RouteTable, RouteError> {
         let mut table = RouteTable {
             matches: vec![],
             rules: vec![],
         };
         let mut ordered: Vec<(u32, usize, usize, Match)> = vec![];
         let mut any_route = false;
-        for (ri, route) in model.routes_for(svc, port).enumerate() {
+        let (_, routes) = model.routes_for_caller(svc, port, caller_ns);
+        for (ri, route) in routes.into_iter().enumerate() {
             any_route = true;
             let name = format!("{}/{}", route.metadata.namespace, route.metadata.name);
             for (i, r) in route.spec.rules.iter().enumerate() {
                 let id = format!("{name}#{i}");
-                let rule = compile_rule(r, &id, &route.metadata.namespace, svc, port).map_err(
-                    |reason| RouteError {
+                let rule = compile_rule(model, r, &id, &route.metadata.namespace, svc, port)
+                    .map_err(|reason| RouteError {
                         route: id.clone(),
                         reason,
-                    },
-                )?;
+                    })?;
                 let idx = table.rules.len();
                 table.rules.push(rule);
                 let default_match = [Default::default()];
@@ -204,9 +249,8 @@ impl RouteTable {
                             PathMatch::Regex(anchored(&path.value).map_err(err)?)
                         }
                     };
-                    let headers = m
-                        .headers
-                        .iter()
+                    let headers = first_of(m.headers.iter(), |h| h.name.to_ascii_lowercase())
+                        .into_iter()
                         .map(|h: &HttpHeaderMatch| {
                             let name = http::HeaderName::from_bytes(h.name.as_bytes())
                                 .map_err(|e| format!("header {:?}: {e}", h.name))?;
@@ -214,9 +258,8 @@ impl RouteTable {
                         })
                         .collect::<Result<Vec<_>, String>>()
                         .map_err(err)?;
-                    let query = m
-                        .query_params
-                        .iter()
+                    let query = first_of(m.query_params.iter(), |q| q.name.clone())
+                        .into_iter()
                         .map(|q| Ok((q.name.clone(), value_match(q.kind, &q.value)?)))
                         .collect::<Result<Vec<_>, String>>()
                         .map_err(err)?;
@@ -336,6 +379,7 @@ fn default_rule(svc: &Service, port: u16) -> Rule {
             name: svc.name.clone(),
             port,
             weight: 1,
+            problem: None,
         }],
         request_headers: None,
         response_headers: None,
@@ -351,6 +395,7 @@ fn default_rule(svc: &Service, port: u16) -> Rule {
 }
 
 fn compile_rule(
+    model: &MeshModel,
     r: &HttpRouteRule,
     id: &str,
     route_ns: &str,
@@ -362,6 +407,7 @@ fn compile_rule(
         name: b.name.clone(),
         port: b.port.unwrap_or(port),
         weight,
+        problem: model.backend_problem(route_ns, Some(parent), b, Some(port)),
     };
     let mut rule = default_rule(parent, port);
     rule.id = id.to_string();
@@ -375,10 +421,10 @@ fn compile_rule(
     for f in &r.filters {
         match f.kind {
             HttpRouteFilterType::RequestHeaderModifier => {
-                rule.request_headers = f.request_header_modifier.clone()
+                rule.request_headers = f.request_header_modifier.as_ref().map(dedup_modifier)
             }
             HttpRouteFilterType::ResponseHeaderModifier => {
-                rule.response_headers = f.response_header_modifier.clone()
+                rule.response_headers = f.response_header_modifier.as_ref().map(dedup_modifier)
             }
             HttpRouteFilterType::URLRewrite => rule.rewrite = f.url_rewrite.clone(),
             HttpRouteFilterType::RequestRedirect => {
@@ -387,15 +433,19 @@ fn compile_rule(
             }
             HttpRouteFilterType::RequestMirror => {
                 if let Some(m) = &f.request_mirror {
-                    rule.mirrors
-                        .push((backend(&m.backend_ref, 1), m.percent.unwrap_or(100)));
+                    // A mirror that cannot be used mirrors nothing (the
+                    // request itself is not affected).
+                    let b = backend(&m.backend_ref, 1);
+                    if b.problem.is_none() {
+                        rule.mirrors.push((b, m.percent.unwrap_or(100)));
+                    }
                 }
             }
         }
     }
     if let Some(t) = &r.timeouts {
-        rule.timeout = duration(&t.request)?;
-        rule.backend_timeout = duration(&t.backend_request)?;
+        rule.timeout = timeout(&t.request)?;
+        rule.backend_timeout = timeout(&t.backend_request)?;
     }
     if let Some(rt) = &r.retry {
         let mut p = RetryPolicy {
@@ -475,11 +525,17 @@ pub fn modify_path(m: &PathModifier, path: &str, matched_prefix: Option<&str>) -
             let rest = matched_prefix
                 .and_then(|p| path.strip_prefix(p))
                 .unwrap_or(path);
-            match (replacement.ends_with('/'), rest.starts_with('/')) {
+            let out = match (replacement.ends_with('/'), rest.starts_with('/')) {
                 (true, true) => format!("{replacement}{}", &rest[1..]),
                 (false, false) if !rest.is_empty() => format!("{replacement}/{rest}"),
                 _ if replacement.is_empty() => rest.to_string(),
                 _ => format!("{replacement}{rest}"),
+            };
+            // An empty replacement of the whole path is the root.
+            if out.is_empty() {
+                "/".into()
+            } else {
+                out
             }
         }
     }
@@ -526,7 +582,7 @@ services:
     fn table(routes: &str) -> RouteTable {
         let m = MeshModel::from_yaml(&format!("{MESH}{routes}"), "t").unwrap();
         let svc = m.service("shop", "reviews").unwrap();
-        RouteTable::build(&m, svc, 80).unwrap()
+        RouteTable::build(&m, svc, 80, "shop").unwrap()
     }
 
     fn find<'a>(
@@ -615,7 +671,8 @@ httpRoutes:
                 namespace: "shop".into(),
                 name: "reviews".into(),
                 port: 80,
-                weight: 1
+                weight: 1,
+                problem: None,
             }]
         );
     }
@@ -686,5 +743,250 @@ httpRoutes:
             modify_path(&m(ReplacePrefixMatch, "/v2"), "/api", Some("/api")),
             "/v2"
         );
+    }
+
+    fn table_for(m: &MeshModel, caller: &str) -> RouteTable {
+        let svc = m.service("shop", "reviews").unwrap();
+        RouteTable::build(m, svc, 80, caller).unwrap()
+    }
+
+    fn model(extra: &str) -> MeshModel {
+        MeshModel::from_yaml(
+            &format!("{MESH}  - {{name: other, namespace: ext, ports: [{{port: 80}}], selector: {{app: reviews}}}}\n{extra}"),
+            "t",
+        )
+        .unwrap()
+    }
+
+    /// Gateway API `HTTPRouteTimeouts`: a zero duration disables the
+    /// timeout (conformance: HTTPRouteRequestTimeout with "0s").
+    #[test]
+    fn zero_timeouts_are_no_timeouts() {
+        let t = table(
+            r#"
+httpRoutes:
+  - metadata: {name: r, namespace: shop}
+    spec:
+      parentRefs: [{name: reviews}]
+      rules: [{timeouts: {request: 0s, backendRequest: 0ms}}]
+"#,
+        );
+        let r = t
+            .find(&Method::GET, "/", "", &HeaderMap::new())
+            .unwrap()
+            .rule;
+        assert_eq!((r.timeout, r.backend_timeout), (None, None));
+    }
+
+    /// Gateway API (GEP-709): a backendRef to another namespace's Service
+    /// needs a ReferenceGrant there; without one the backend is invalid
+    /// (`RefNotPermitted`) and its share gets a 500. The route's own parent
+    /// Service is always reachable.
+    #[test]
+    fn cross_namespace_backends_need_a_reference_grant() {
+        const ROUTE: &str = r#"
+httpRoutes:
+  - metadata: {name: r, namespace: shop}
+    spec:
+      parentRefs: [{name: reviews}]
+      rules: [{backendRefs: [{name: other, namespace: ext, port: 80}, {name: reviews-v1, port: 80}]}]
+"#;
+        let problem = |m: &MeshModel| {
+            let t = table_for(m, "shop");
+            let r = t
+                .find(&Method::GET, "/", "", &HeaderMap::new())
+                .unwrap()
+                .rule;
+            (
+                r.backends[0].problem.as_ref().map(|p| p.reason()),
+                r.backends[1].problem.clone(),
+            )
+        };
+        assert_eq!(problem(&model(ROUTE)), (Some("RefNotPermitted"), None));
+        let grant = |from_ns: &str, name: &str| {
+            format!("referenceGrants:\n  - metadata: {{name: g, namespace: ext}}\n    spec:\n      from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {from_ns}}}]\n      to: [{{group: \"\", kind: Service{name}}}]\n")
+        };
+        assert_eq!(
+            problem(&model(&format!("{ROUTE}{}", grant("shop", "")))),
+            (None, None)
+        );
+        assert_eq!(
+            problem(&model(&format!(
+                "{ROUTE}{}",
+                grant("shop", ", name: other")
+            ))),
+            (None, None)
+        );
+        for wrong in [
+            grant("elsewhere", ""),
+            grant("shop", ", name: someone-else"),
+        ] {
+            assert_eq!(
+                problem(&model(&format!("{ROUTE}{wrong}"))).0,
+                Some("RefNotPermitted")
+            );
+        }
+    }
+
+    /// GAMMA (conformance MeshConsumerRoute): a route in the caller's
+    /// namespace whose parent is another namespace's Service applies to
+    /// that caller only, and instead of the producer's routes; callers of
+    /// other namespaces get the producer's routes.
+    #[test]
+    fn consumer_routes_apply_to_their_own_namespace_only() {
+        let m = model(
+            r#"
+httpRoutes:
+  - metadata: {name: producer, namespace: shop}
+    spec:
+      parentRefs: [{name: reviews}]
+      rules: [{backendRefs: [{name: reviews-v1, port: 80}]}]
+  - metadata: {name: consumer, namespace: ext}
+    spec:
+      parentRefs: [{name: reviews, namespace: shop}]
+      rules: [{backendRefs: [{name: reviews, namespace: shop, port: 80}]}]
+"#,
+        );
+        let rule = |caller: &str| {
+            table_for(&m, caller)
+                .find(&Method::GET, "/", "", &HeaderMap::new())
+                .unwrap()
+                .rule
+                .id
+                .clone()
+        };
+        assert_eq!(rule("ext"), "ext/consumer#0");
+        assert_eq!(rule("shop"), "shop/producer#0");
+        assert_eq!(rule("third"), "shop/producer#0");
+        // The consumer route sends to its parent across namespaces: allowed.
+        let t = table_for(&m, "ext");
+        let r = t
+            .find(&Method::GET, "/", "", &HeaderMap::new())
+            .unwrap()
+            .rule;
+        assert_eq!(r.backends[0].problem, None);
+    }
+
+    /// Gateway API: a backend that does not exist or is not a Service is
+    /// invalid, not dropped: its share of requests gets a 500.
+    #[test]
+    fn invalid_backends_stay_in_the_rule_with_their_problem() {
+        let t = table(
+            r#"
+httpRoutes:
+  - metadata: {name: r, namespace: shop}
+    spec:
+      parentRefs: [{name: reviews}]
+      rules: [{backendRefs: [{name: ghost, port: 80, weight: 1}, {name: reviews-v1, kind: Pod, port: 80}, {name: reviews-v2, port: 9999}, {name: reviews-v1, port: 80}]}]
+"#,
+        );
+        let r = t
+            .find(&Method::GET, "/", "", &HeaderMap::new())
+            .unwrap()
+            .rule;
+        let reasons: Vec<_> = r
+            .backends
+            .iter()
+            .map(|b| b.problem.as_ref().map(|p| p.reason()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                Some("BackendNotFound"),
+                Some("InvalidKind"),
+                Some("BackendNotFound"),
+                None
+            ]
+        );
+    }
+
+    /// Gateway API `HTTPRouteMatch`: of header entries with the same name
+    /// (case-insensitive) or query entries with the same name, only the
+    /// first counts; likewise in a header filter's `set` and `add`.
+    #[test]
+    fn of_duplicate_names_only_the_first_counts() {
+        let t = table(
+            r#"
+httpRoutes:
+  - metadata: {name: r, namespace: shop}
+    spec:
+      parentRefs: [{name: reviews}]
+      rules:
+        - matches: [{headers: [{name: version, value: one}, {name: Version, value: two}], queryParams: [{name: q, value: a}, {name: q, value: b}]}]
+          filters:
+            - type: RequestHeaderModifier
+              requestHeaderModifier:
+                set: [{name: X-A, value: first}, {name: x-a, value: second}]
+                add: [{name: X-B, value: first}, {name: X-B, value: second}]
+"#,
+        );
+        assert_eq!(
+            find(&t, "GET", "/?q=a", &[("version", "one")]),
+            Some("shop/r#0")
+        );
+        assert_eq!(find(&t, "GET", "/?q=b", &[("version", "one")]), None);
+        assert_eq!(find(&t, "GET", "/?q=a", &[("version", "two")]), None);
+        let r = t
+            .find(&Method::GET, "/", "q=a", &{
+                let mut h = HeaderMap::new();
+                h.insert("version", "one".parse().unwrap());
+                h
+            })
+            .unwrap()
+            .rule;
+        let mut h = HeaderMap::new();
+        modify_headers(r.request_headers.as_ref().unwrap(), &mut h);
+        assert_eq!(h.get_all("x-a").iter().collect::<Vec<_>>(), ["first"]);
+        assert_eq!(h.get_all("x-b").iter().collect::<Vec<_>>(), ["first"]);
+    }
+
+    /// Gateway API precedence ties: the oldest route wins, then
+    /// `namespace/name` alphabetically — never the order of the list.
+    #[test]
+    fn ties_go_to_the_oldest_route_then_the_name() {
+        let routes = |a_time: &str, b_time: &str, a_first: bool| {
+            let a = format!("  - metadata: {{name: a-route, namespace: shop{a_time}}}\n    spec: {{parentRefs: [{{name: reviews}}], rules: [{{backendRefs: [{{name: reviews-v1, port: 80}}]}}]}}\n");
+            let b = format!("  - metadata: {{name: b-route, namespace: shop{b_time}}}\n    spec: {{parentRefs: [{{name: reviews}}], rules: [{{backendRefs: [{{name: reviews-v2, port: 80}}]}}]}}\n");
+            if a_first {
+                format!("httpRoutes:\n{a}{b}")
+            } else {
+                format!("httpRoutes:\n{b}{a}")
+            }
+        };
+        for a_first in [true, false] {
+            assert_eq!(
+                find(&table(&routes("", "", a_first)), "GET", "/", &[]),
+                Some("shop/a-route#0")
+            );
+            let older_b = routes(
+                ", creationTimestamp: \"2026-12-02T10:00:00Z\"",
+                ", creationTimestamp: \"2026-12-01T10:00:00Z\"",
+                a_first,
+            );
+            assert_eq!(
+                find(&table(&older_b), "GET", "/", &[]),
+                Some("shop/b-route#0")
+            );
+        }
+    }
+
+    /// Gateway API: `replacePrefixMatch: ""` is valid and means `/`.
+    #[test]
+    fn an_empty_prefix_replacement_is_the_root() {
+        let m = MeshModel::from_yaml(
+            &format!(
+                "{MESH}httpRoutes:\n  - metadata: {{name: r, namespace: shop}}\n    spec: {{parentRefs: [{{name: reviews}}], rules: [{{matches: [{{path: {{value: /api}}}}], filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: \"\"}}}}}}]}}]}}\n"
+            ),
+            "t",
+        )
+        .expect("an empty replacePrefixMatch is valid");
+        let svc = m.service("shop", "reviews").unwrap();
+        let t = RouteTable::build(&m, svc, 80, "shop").unwrap();
+        let routed = t
+            .find(&Method::GET, "/api/x", "", &HeaderMap::new())
+            .unwrap();
+        let rw = routed.rule.rewrite.as_ref().unwrap().path.as_ref().unwrap();
+        assert_eq!(modify_path(rw, "/api/x", routed.matched_prefix), "/x");
+        assert_eq!(modify_path(rw, "/api", routed.matched_prefix), "/");
     }
 }

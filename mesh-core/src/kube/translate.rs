@@ -41,7 +41,7 @@ use kube::core::DynamicObject;
 use serde::de::DeserializeOwned;
 
 use crate::model::file::MeshFile;
-use crate::model::gateway::{DestinationRule, Gateway, HttpRoute};
+use crate::model::gateway::{DestinationRule, Gateway, HttpRoute, ReferenceGrant};
 use crate::model::policy::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationPolicySpec, MtlsMode, MutualTls,
     ObjectMeta, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, Rule,
@@ -61,6 +61,7 @@ pub struct ClusterState {
     pub gateways: Vec<DynamicObject>,
     pub http_routes: Vec<DynamicObject>,
     pub destination_rules: Vec<DynamicObject>,
+    pub reference_grants: Vec<DynamicObject>,
 }
 
 /// The model and what had to be left out of it.
@@ -542,6 +543,12 @@ pub fn translate(
             DestinationRule,
             problems
         ),
+        reference_grants: custom!(
+            state.reference_grants,
+            "ReferenceGrant",
+            ReferenceGrant,
+            problems
+        ),
         extension_providers: vec![],
     };
     // In the mesh file an unlisted namespace is in the mesh; in a cluster
@@ -693,6 +700,11 @@ fn set_aside(
             f.destination_rules,
             "DestinationRule",
             |p: &DestinationRule| format!("{}/{}", p.metadata.namespace, p.metadata.name)
+        ),
+        "referenceGrants" => take!(
+            f.reference_grants,
+            "ReferenceGrant",
+            |p: &ReferenceGrant| format!("{}/{}", p.metadata.namespace, p.metadata.name)
         ),
         _ => None,
     }

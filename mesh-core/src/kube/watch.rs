@@ -31,7 +31,7 @@ use super::translate::{translate, ClusterState, Rejected};
 use crate::model::MeshModel;
 
 /// The custom resources the model reads: (group, version, kind, plural).
-pub const CUSTOM_KINDS: [(&str, &str, &str, &str); 5] = [
+pub const CUSTOM_KINDS: [(&str, &str, &str, &str); 6] = [
     (
         "security.istio.io",
         "v1",
@@ -51,6 +51,12 @@ pub const CUSTOM_KINDS: [(&str, &str, &str, &str); 5] = [
         "v1",
         "DestinationRule",
         "destinationrules",
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "v1beta1",
+        "ReferenceGrant",
+        "referencegrants",
     ),
 ];
 
@@ -85,6 +91,7 @@ impl Stores {
             gateways: c(2),
             http_routes: c(3),
             destination_rules: c(4),
+            reference_grants: c(5),
         }
     }
 }

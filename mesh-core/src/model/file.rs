@@ -12,7 +12,9 @@ use std::sync::atomic::AtomicUsize;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::gateway::{self, DestinationRule, ExtensionProviderConfig, Gateway, HttpRoute};
+use super::gateway::{
+    self, DestinationRule, ExtensionProviderConfig, Gateway, HttpRoute, ReferenceGrant,
+};
 use super::policy::{AuthorizationAction, AuthorizationPolicy, PeerAuthentication, Rule};
 use super::{MeshModel, Namespace, Node, Service, Workload};
 
@@ -55,6 +57,10 @@ pub struct MeshFile {
     pub http_routes: Vec<HttpRoute>,
     #[serde(default)]
     pub destination_rules: Vec<DestinationRule>,
+    /// Gateway API ReferenceGrants: which routes may send to Services of
+    /// another namespace.
+    #[serde(default)]
+    pub reference_grants: Vec<ReferenceGrant>,
     /// External authorizers for `CUSTOM` policies (Istio MeshConfig).
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProviderConfig>,
@@ -385,6 +391,7 @@ impl MeshModel {
             gateways: f.gateways,
             http_routes: f.http_routes,
             destination_rules: f.destination_rules,
+            reference_grants: f.reference_grants,
             extension_providers: f.extension_providers,
             source: source_name.to_string(),
             by_ip,
@@ -501,36 +508,34 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
         for (j, rule) in r.spec.rules.iter().enumerate() {
             let at_rule = |field: &str| at(&format!("spec.rules[{j}].{field}"));
             gateway::check_rule(rule).map_err(|(f, r)| (at_rule(&f), r))?;
-            let mirrors = rule
-                .filters
-                .iter()
-                .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref));
-            let backends = rule.backend_refs.iter().map(|b| &b.backend);
-            for (k, b) in backends.chain(mirrors).enumerate() {
-                if b.group.as_deref().is_some_and(|g| !g.is_empty())
-                    || b.kind.as_deref().is_some_and(|k| k != "Service")
-                {
-                    return Err((
-                        at_rule(&format!("backendRefs[{k}]")),
-                        "backends are Services".into(),
-                    ));
-                }
-                let ns = b.namespace.as_deref().unwrap_or(&r.metadata.namespace);
-                let Some(svc) = service(ns, &b.name) else {
-                    return Err((
-                        at_rule(&format!("backendRefs[{k}].name")),
-                        format!("unknown service {ns}/{}", b.name),
-                    ));
-                };
-                if let Some(port) = b.port {
-                    if !svc.ports.iter().any(|sp| sp.port == port) {
-                        return Err((
-                            at_rule(&format!("backendRefs[{k}].port")),
-                            format!("service {ns}/{} has no port {port}", b.name),
-                        ));
-                    }
-                }
-            }
+            // Backends that cannot be used (missing, not a Service, in
+            // another namespace without a ReferenceGrant) are not errors:
+            // Gateway API answers 500 for their share of the traffic, and
+            // `analyze` and the route's status say why.
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, g) in f.reference_grants.iter().enumerate() {
+        let at = |field: &str| format!("referenceGrants[{i}].{field}");
+        gateway::check_api(
+            &g.api_version,
+            &g.kind,
+            &["gateway.networking.k8s.io"],
+            "ReferenceGrant",
+        )
+        .map_err(|(f, r)| (at(&f), r))?;
+        check_dns_label(&g.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
+        if !names.insert((&g.metadata.namespace, &g.metadata.name)) {
+            return Err((
+                at("metadata.name"),
+                format!(
+                    "duplicate ReferenceGrant {}/{}",
+                    g.metadata.namespace, g.metadata.name
+                ),
+            ));
+        }
+        if g.spec.from.is_empty() || g.spec.to.is_empty() {
+            return Err((at("spec"), "from and to must not be empty".into()));
         }
     }
     let mut names = HashSet::new();
@@ -1349,21 +1354,26 @@ workloads:
             MeshModel::from_yaml(&with_route("{backendRefs: [{name: echo, port: 80}]}"), "m")
                 .is_ok()
         );
+        // Gateway API: a backend that cannot be used does not make the route
+        // invalid; its share of requests gets a 500 and the route's status
+        // (and analyze) say why.
+        for (rule, reason) in [
+            ("{backendRefs: [{name: nope, port: 80}]}", "BackendNotFound"),
+            ("{backendRefs: [{name: echo, port: 81}]}", "BackendNotFound"),
+            (
+                "{backendRefs: [{name: echo, kind: Pod, port: 80}]}",
+                "InvalidKind",
+            ),
+        ] {
+            let m = MeshModel::from_yaml(&with_route(rule), "m").unwrap();
+            let st = super::super::route_status::conditions(&m, &m.http_routes[0]);
+            assert_eq!(st[0].conditions[1].reason, reason, "{rule}");
+        }
         let cases = [
             (
                 "{matches: [{path: {type: RegularExpression, value: \"([\"}}]}",
                 "spec.rules[0].matches[0].path.value",
                 "regular expression",
-            ),
-            (
-                "{backendRefs: [{name: nope, port: 80}]}",
-                "spec.rules[0].backendRefs[0].name",
-                "unknown service shop/nope",
-            ),
-            (
-                "{backendRefs: [{name: echo, port: 81}]}",
-                "spec.rules[0].backendRefs[0].port",
-                "no port 81",
             ),
             (
                 "{timeouts: {request: soon}}",
@@ -1381,9 +1391,9 @@ workloads:
                 "percentage",
             ),
             (
-                "{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]}",
+                "{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 304}}]}",
                 "spec.rules[0].filters[0].requestRedirect.statusCode",
-                "301 or 302",
+                "301, 302, 303, 307 or 308",
             ),
             (
                 "{filters: [{type: URLRewrite}]}",

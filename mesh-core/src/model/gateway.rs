@@ -11,6 +11,8 @@
 //!   bucket).
 //! - Istio `DestinationRule`: load balancing, connection limits and outlier
 //!   detection for a service.
+//! - Gateway API `ReferenceGrant` (`v1beta1`): lets routes of another
+//!   namespace send traffic to this namespace's Services.
 //!
 //! Unknown fields are rejected, as everywhere in the mesh file: a misspelt
 //! match that silently matched everything would be worse than an error.
@@ -293,7 +295,7 @@ pub struct RequestRedirect {
     pub path: Option<PathModifier>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// 301 or 302 (the default), as Gateway API allows.
+    /// 302 (the default), 301, or the extended 303, 307 and 308.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_code: Option<u16>,
 }
@@ -334,6 +336,101 @@ pub struct HttpBackendRef {
 
 fn one() -> u32 {
     1
+}
+
+/// Gateway API `ReferenceGrant`: objects of the kinds and namespaces in
+/// `from` may refer to objects of the kinds (and names) in `to` in the
+/// grant's own namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReferenceGrant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceGrantSpec {
+    pub from: Vec<ReferenceGrantFrom>,
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceGrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceGrantTo {
+    pub group: String,
+    pub kind: String,
+    /// Absent: every object of the kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether this grant lets an HTTPRoute in `route_ns` refer to Service
+    /// `name` in the grant's namespace.
+    pub fn permits_route_to_service(&self, route_ns: &str, name: &str) -> bool {
+        self.spec.from.iter().any(|f| {
+            f.group == "gateway.networking.k8s.io"
+                && f.kind == "HTTPRoute"
+                && f.namespace == route_ns
+        }) && self.spec.to.iter().any(|t| {
+            (t.group.is_empty() || t.group == "core")
+                && t.kind == "Service"
+                && t.name.as_deref().is_none_or(|n| n == name)
+        })
+    }
+}
+
+/// Why a route's backend cannot be used: each answers 500 for the share of
+/// requests it would get, and sets the route's `ResolvedRefs` condition to
+/// False with the reason Gateway API names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendProblem {
+    /// Not a core `Service` (`InvalidKind`).
+    InvalidKind(String),
+    /// No such Service or port (`BackendNotFound`).
+    NotFound(String),
+    /// In another namespace, and no ReferenceGrant there allows it
+    /// (`RefNotPermitted`).
+    NotPermitted(String),
+}
+
+impl BackendProblem {
+    /// The Gateway API condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BackendProblem::InvalidKind(_) => "InvalidKind",
+            BackendProblem::NotFound(_) => "BackendNotFound",
+            BackendProblem::NotPermitted(_) => "RefNotPermitted",
+        }
+    }
+
+    /// What is wrong, in words.
+    pub fn message(&self) -> &str {
+        match self {
+            BackendProblem::InvalidKind(m)
+            | BackendProblem::NotFound(m)
+            | BackendProblem::NotPermitted(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for BackendProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message(), self.reason())
+    }
 }
 
 /// Gateway API durations (`"10s"`, `"500ms"`).
@@ -605,6 +702,8 @@ fn check_path_modifier(field: &str, m: &PathModifier) -> Result<(), FieldError> 
     };
     match value {
         Some(v) if v.starts_with('/') => Ok(()),
+        // Gateway API: an empty prefix replacement is valid (as `/`).
+        Some(v) if v.is_empty() && m.kind == PathModifierType::ReplacePrefixMatch => Ok(()),
         Some(v) => Err(at(field, format!("path {v:?} must start with '/'"))),
         None => Err(at(
             field,
@@ -708,10 +807,10 @@ pub(crate) fn check_rule(rule: &HttpRouteRule) -> Result<(), FieldError> {
                 check_path_modifier(&field("requestRedirect.path"), p)?;
             }
             if let Some(code) = r.status_code {
-                if code != 301 && code != 302 {
+                if !matches!(code, 301 | 302 | 303 | 307 | 308) {
                     return Err(at(
                         field("requestRedirect.statusCode"),
-                        format!("{code}: Gateway API allows 301 or 302"),
+                        format!("{code}: Gateway API allows 301, 302, 303, 307 or 308"),
                     ));
                 }
             }

@@ -8,6 +8,7 @@
 pub mod file;
 pub mod gateway;
 pub mod policy;
+pub mod route_status;
 pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 pub use file::ModelError;
-pub use gateway::{DestinationRule, Gateway, HttpRoute};
+pub use gateway::{DestinationRule, Gateway, HttpRoute, ReferenceGrant};
 pub use policy::{AuthorizationPolicy, PeerAuthentication};
 
 /// Istio's label for enrollment: `ambient` enrolls a namespace, `none` opts
@@ -156,6 +157,7 @@ pub struct MeshModel {
     pub gateways: Vec<Gateway>,
     pub http_routes: Vec<HttpRoute>,
     pub destination_rules: Vec<DestinationRule>,
+    pub reference_grants: Vec<ReferenceGrant>,
     pub extension_providers: Vec<gateway::ExtensionProviderConfig>,
     /// Where the model came from (file path or "inline").
     pub source: String,
@@ -398,6 +400,98 @@ impl MeshModel {
     /// Whether `id` is the identity of one of the waypoint's pods.
     pub fn is_waypoint_identity(&self, g: &Gateway, id: &SpiffeId) -> bool {
         self.waypoint_workloads(g).any(|w| &self.identity(w) == id)
+    }
+
+    /// The HTTPRoutes that apply to a request from a client in
+    /// `caller_ns` to a service port, as GAMMA defines them: the caller's
+    /// own routes for the service (consumer routes) when the caller is in
+    /// another namespace and has any, otherwise the routes in the service's
+    /// namespace (producer routes). A route in a third namespace never
+    /// applies. Ordered for tie-breaks: the oldest first
+    /// (`creationTimestamp`), then by `namespace/name` — never by the order
+    /// in which objects were listed. Also the namespace the routes are from.
+    pub fn routes_for_caller<'a>(
+        &'a self,
+        svc: &'a Service,
+        port: u16,
+        caller_ns: &str,
+    ) -> (&'a str, Vec<&'a HttpRoute>) {
+        let of = |ns: &str| -> Vec<&'a HttpRoute> {
+            let mut v: Vec<&HttpRoute> = self
+                .routes_for(svc, port)
+                .filter(|r| r.metadata.namespace == ns)
+                .collect();
+            v.sort_by(|a, b| {
+                (
+                    a.metadata.creation_timestamp.as_deref(),
+                    &a.metadata.namespace,
+                    &a.metadata.name,
+                )
+                    .cmp(&(
+                        b.metadata.creation_timestamp.as_deref(),
+                        &b.metadata.namespace,
+                        &b.metadata.name,
+                    ))
+            });
+            v
+        };
+        if caller_ns != svc.namespace {
+            let consumer = of(caller_ns);
+            if !consumer.is_empty() {
+                let ns = consumer[0].metadata.namespace.as_str();
+                return (ns, consumer);
+            }
+        }
+        (svc.namespace.as_str(), of(&svc.namespace))
+    }
+
+    /// Why a route in `route_ns` cannot send to backend `b` (port `port`
+    /// when the reference names none; no port check without either), if it
+    /// cannot. A route may always send to the Service it is attached to
+    /// (`parent`), in any namespace: a consumer route refines its own use of
+    /// that Service.
+    pub fn backend_problem(
+        &self,
+        route_ns: &str,
+        parent: Option<&Service>,
+        b: &gateway::BackendObjectReference,
+        port: Option<u16>,
+    ) -> Option<gateway::BackendProblem> {
+        use gateway::BackendProblem as P;
+        let group = b.group.as_deref().unwrap_or("");
+        let kind = b.kind.as_deref().unwrap_or("Service");
+        if !(group.is_empty() || group == "core") || kind != "Service" {
+            return Some(P::InvalidKind(format!(
+                "backend {}/{kind} {:?} is not a Service",
+                if group.is_empty() { "core" } else { group },
+                b.name
+            )));
+        }
+        let ns = b.namespace.as_deref().unwrap_or(route_ns);
+        let Some(svc) = self.service(ns, &b.name) else {
+            return Some(P::NotFound(format!("no service {ns}/{}", b.name)));
+        };
+        if let Some(port) = b.port.or(port) {
+            if !svc.ports.iter().any(|p| p.port == port) {
+                return Some(P::NotFound(format!(
+                    "service {ns}/{} has no port {port}",
+                    b.name
+                )));
+            }
+        }
+        let is_parent = parent.is_some_and(|p| p.namespace == svc.namespace && p.name == svc.name);
+        if ns != route_ns
+            && !is_parent
+            && !self.reference_grants.iter().any(|g| {
+                g.metadata.namespace == ns && g.permits_route_to_service(route_ns, &b.name)
+            })
+        {
+            return Some(P::NotPermitted(format!(
+                "service {ns}/{} is in another namespace and no ReferenceGrant there allows routes from {route_ns}",
+                b.name
+            )));
+        }
+        None
     }
 
     /// The HTTPRoutes attached to a service port.
