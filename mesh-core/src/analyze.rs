@@ -480,6 +480,44 @@ peerAuthentications:
     }
 
     #[test]
+    fn routes_with_unusable_backends_and_consumer_routes_are_reported() {
+        let m = MeshModel::from_yaml(
+            r#"
+nodes: [{name: n}]
+workloads:
+  - {name: a, namespace: shop, node: n, ips: [10.0.0.1], labels: {app: a}}
+services:
+  - {name: a, namespace: shop, ports: [{port: 80}], selector: {app: a}}
+  - {name: b, namespace: other, ports: [{port: 80}], selector: {app: a}}
+httpRoutes:
+  - metadata: {name: r, namespace: shop}
+    spec:
+      parentRefs: [{name: a}]
+      rules: [{backendRefs: [{name: b, namespace: other, port: 80}]}]
+  - metadata: {name: mine, namespace: client}
+    spec:
+      parentRefs: [{name: a, namespace: shop}]
+      rules: [{}]
+"#,
+            "m",
+        )
+        .unwrap();
+        let f = analyze(&m);
+        assert!(
+            f.iter().any(|x| x.object == "HTTPRoute shop/r"
+                && x.level == Level::Error
+                && x.message.contains("RefNotPermitted")),
+            "{f:#?}"
+        );
+        assert!(
+            f.iter().any(
+                |x| x.object == "HTTPRoute client/mine" && x.message.contains("consumer route")
+            ),
+            "{f:#?}"
+        );
+    }
+
+    #[test]
     fn a_clean_file_has_no_warnings() {
         let m = MeshModel::from_yaml(
             "nodes: [{name: n}]\nworkloads: [{name: a, node: n, ips: [10.0.0.1]}]\n",

@@ -399,7 +399,10 @@ pub fn issue(
 }
 
 /// A test HTTP server (HTTP/1.1 and HTTP/2 prior knowledge) answering
-/// `<name> <method> <path> <x-added header>`; `/flaky` fails every other
+/// `<name> <method> <path> <x-added header>` — or, asked with
+/// `x-echo: json`, a JSON object of the request as it arrived (`name`,
+/// `method`, `path` with the query, `host`, `headers` by lowercase name),
+/// what the Gateway API conformance suite's echo server tells; `/flaky` fails every other
 /// request with 503, `/slow` and `/linger` take 2 s, `/reset` drops the
 /// connection;
 /// gRPC requests get an empty message and status 0 (14 for `…/Fail`).
@@ -417,8 +420,8 @@ pub fn serve_http(l: TcpListener, name: &'static str) -> Arc<std::sync::atomic::
             };
             let c = c.clone();
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
                         let n = c.fetch_add(1, Ordering::SeqCst);
                         async move {
                             let path = req.uri().path().to_string();
@@ -462,13 +465,40 @@ pub fn serve_http(l: TcpListener, name: &'static str) -> Arc<std::sync::atomic::
                                     .insert("content-type", "application/grpc".parse().unwrap());
                                 return Ok(r);
                             }
-                            let body = format!("{name} {} {path} {added}\n", req.method());
+                            let body = if req.headers().get("x-echo").is_some_and(|v| v == "json") {
+                                let mut headers: std::collections::BTreeMap<String, Vec<String>> =
+                                    Default::default();
+                                for (k, v) in req.headers() {
+                                    headers
+                                        .entry(k.as_str().to_string())
+                                        .or_default()
+                                        .push(String::from_utf8_lossy(v.as_bytes()).into());
+                                }
+                                let host = req
+                                    .headers()
+                                    .get("host")
+                                    .map(|h| String::from_utf8_lossy(h.as_bytes()).to_string())
+                                    .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                                    .unwrap_or_default();
+                                serde_json::json!({
+                                    "name": name,
+                                    "method": req.method().as_str(),
+                                    "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                                    "host": host,
+                                    "headers": headers,
+                                })
+                                .to_string()
+                                    + "\n"
+                            } else {
+                                format!("{name} {} {path} {added}\n", req.method())
+                            };
                             let mut r =
                                 http::Response::new(Full::new(bytes::Bytes::from(body)).boxed());
                             *r.status_mut() = status;
                             Ok::<_, std::io::Error>(r)
                         }
-                    });
+                    },
+                );
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 )
