@@ -243,21 +243,11 @@ pub fn analyze(m: &MeshModel) -> Vec<Finding> {
         );
     }
     for w in &m.workloads {
-        let mut pols: Vec<&PeerAuthentication> = m
-            .peer_authentications
-            .iter()
-            .filter(|p| {
-                p.metadata.namespace == w.namespace
-                    && &p.metadata.namespace != root
-                    && p.selects_workloads()
-                    && p.spec
-                        .selector
-                        .as_ref()
-                        .is_some_and(|s| s.matches(&w.labels))
-            })
-            .collect();
-        pols.sort_by(|a, b| a.metadata.precedence().cmp(&b.metadata.precedence()));
-        let names: Vec<&str> = pols.iter().map(|p| p.metadata.name.as_str()).collect();
+        let names: Vec<&str> =
+            crate::policy::peer_authentications_in(m, w, crate::policy::PaScope::Workload)
+                .iter()
+                .map(|p| p.metadata.name.as_str())
+                .collect();
         if names.len() > 1 {
             push(
                 Level::Warning,

@@ -631,44 +631,52 @@ fn condition_matches(w: &Condition, c: &RequestInfo<'_>, ns: &str) -> bool {
     field(&w.values, &w.not_values, m)
 }
 
-/// The PeerAuthentications that decide `w`'s mutual-TLS mode, as Istio
-/// picks them: the oldest workload policy of `w`'s namespace whose
-/// selector (with labels) matches, the oldest namespace-wide one (no
-/// selector, or one without labels) and the oldest mesh-wide one (the
-/// root namespace, no selector). A policy that could not be read comes
-/// first in its scope. Root-namespace policies with a selector are ignored,
-/// as in Istio.
-pub fn peer_authentications_for<'a>(
+/// The PeerAuthentications of one scope of `w`, in the order Istio lets
+/// them win: a policy that could not be read first, then the oldest, then
+/// by name. Scopes: a workload policy of `w`'s namespace whose selector
+/// (with labels) matches, a namespace-wide one (no selector, or one without
+/// labels), a mesh-wide one (the root namespace, no selector). Root-namespace
+/// policies with a selector are in no scope, as in Istio.
+pub fn peer_authentications_in<'a>(
     model: &'a MeshModel,
     w: &Workload,
-) -> [Option<&'a PeerAuthentication>; 3] {
-    let pick = |f: &dyn Fn(&PeerAuthentication) -> bool| {
-        model
-            .peer_authentications
-            .iter()
-            .filter(|p| f(p))
-            .min_by(|a, b| {
-                (a.rejected.is_none(), a.metadata.precedence())
-                    .cmp(&(b.rejected.is_none(), b.metadata.precedence()))
-            })
-    };
+    scope: PaScope,
+) -> Vec<&'a PeerAuthentication> {
     let root = &model.root_namespace;
-    let workload = pick(&|p| {
-        p.metadata.namespace == w.namespace
-            && &p.metadata.namespace != root
-            && p.selects_workloads()
-            && p.spec
-                .selector
-                .as_ref()
-                .is_some_and(|s| s.matches(&w.labels))
+    let mut v: Vec<&PeerAuthentication> = model
+        .peer_authentications
+        .iter()
+        .filter(|p| match scope {
+            PaScope::Workload => {
+                p.metadata.namespace == w.namespace
+                    && &p.metadata.namespace != root
+                    && p.selects_workloads()
+                    && p.spec
+                        .selector
+                        .as_ref()
+                        .is_some_and(|s| s.matches(&w.labels))
+            }
+            PaScope::Namespace => {
+                p.metadata.namespace == w.namespace
+                    && &p.metadata.namespace != root
+                    && !p.selects_workloads()
+            }
+            PaScope::Mesh => &p.metadata.namespace == root && p.spec.selector.is_none(),
+        })
+        .collect();
+    v.sort_by(|a, b| {
+        (a.rejected.is_none(), a.metadata.precedence())
+            .cmp(&(b.rejected.is_none(), b.metadata.precedence()))
     });
-    let namespace = pick(&|p| {
-        p.metadata.namespace == w.namespace
-            && &p.metadata.namespace != root
-            && !p.selects_workloads()
-    });
-    let mesh = pick(&|p| &p.metadata.namespace == root && p.spec.selector.is_none());
-    [workload, namespace, mesh]
+    v
+}
+
+/// The scopes of PeerAuthentication, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaScope {
+    Workload,
+    Namespace,
+    Mesh,
 }
 
 /// The mutual-TLS mode in force for `w` on `port`, and the policy that set
@@ -682,7 +690,12 @@ pub fn peer_authentications_for<'a>(
 /// mode is STRICT), so the port inherits.
 pub fn mtls_mode(model: &MeshModel, w: &Workload, port: u16) -> (MtlsMode, Option<String>) {
     let resolve = |m: MtlsMode| (m != MtlsMode::Unset).then_some(m);
-    let [workload, namespace, mesh] = peer_authentications_for(model, w);
+    let first = |scope| peer_authentications_in(model, w, scope).first().copied();
+    let (workload, namespace, mesh) = (
+        first(PaScope::Workload),
+        first(PaScope::Namespace),
+        first(PaScope::Mesh),
+    );
     if let Some(p) = workload {
         let own = p.spec.mtls.map(|m| m.mode).unwrap_or_default();
         let port_mode = p

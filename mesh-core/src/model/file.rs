@@ -417,6 +417,27 @@ impl MeshModel {
     }
 }
 
+/// What every object of the L7 kinds is checked for: its API group and
+/// kind, a DNS name, and no other object of the kind with the same name.
+fn check_object<'a>(
+    at: &dyn Fn(&str) -> String,
+    (api_version, kind): (&Option<String>, &Option<String>),
+    group: &str,
+    want: &str,
+    meta: &'a super::policy::ObjectMeta,
+    names: &mut HashSet<(&'a str, &'a str)>,
+) -> Result<(), (String, String)> {
+    gateway::check_api(api_version, kind, &[group], want).map_err(|(f, r)| (at(&f), r))?;
+    check_dns_label(&meta.name, true).map_err(|r| (at("metadata.name"), r))?;
+    if !names.insert((&meta.namespace, &meta.name)) {
+        return Err((
+            at("metadata.name"),
+            format!("duplicate {want} {}/{}", meta.namespace, meta.name),
+        ));
+    }
+    Ok(())
+}
+
 /// Gateways, HTTPRoutes and DestinationRules: shapes, names, and that
 /// every reference names something in the file.
 fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
@@ -428,23 +449,14 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
     let mut names = HashSet::new();
     for (i, g) in f.gateways.iter().enumerate() {
         let at = |field: &str| format!("gateways[{i}].{field}");
-        gateway::check_api(
-            &g.api_version,
-            &g.kind,
-            &["gateway.networking.k8s.io"],
+        check_object(
+            &at,
+            (&g.api_version, &g.kind),
+            "gateway.networking.k8s.io",
             "Gateway",
-        )
-        .map_err(|(f, r)| (at(&f), r))?;
-        check_dns_label(&g.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
-        if !names.insert((&g.metadata.namespace, &g.metadata.name)) {
-            return Err((
-                at("metadata.name"),
-                format!(
-                    "duplicate Gateway {}/{}",
-                    g.metadata.namespace, g.metadata.name
-                ),
-            ));
-        }
+            &g.metadata,
+            &mut names,
+        )?;
         if !g.is_waypoint() {
             return Err((
                 at("spec.gatewayClassName"),
@@ -459,23 +471,14 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
     let mut names = HashSet::new();
     for (i, r) in f.http_routes.iter().enumerate() {
         let at = |field: &str| format!("httpRoutes[{i}].{field}");
-        gateway::check_api(
-            &r.api_version,
-            &r.kind,
-            &["gateway.networking.k8s.io"],
+        check_object(
+            &at,
+            (&r.api_version, &r.kind),
+            "gateway.networking.k8s.io",
             "HTTPRoute",
-        )
-        .map_err(|(f, r)| (at(&f), r))?;
-        check_dns_label(&r.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
-        if !names.insert((&r.metadata.namespace, &r.metadata.name)) {
-            return Err((
-                at("metadata.name"),
-                format!(
-                    "duplicate HTTPRoute {}/{}",
-                    r.metadata.namespace, r.metadata.name
-                ),
-            ));
-        }
+            &r.metadata,
+            &mut names,
+        )?;
         if r.spec.parent_refs.is_empty() {
             return Err((
                 at("spec.parentRefs"),
@@ -517,23 +520,14 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
     let mut names = HashSet::new();
     for (i, g) in f.reference_grants.iter().enumerate() {
         let at = |field: &str| format!("referenceGrants[{i}].{field}");
-        gateway::check_api(
-            &g.api_version,
-            &g.kind,
-            &["gateway.networking.k8s.io"],
+        check_object(
+            &at,
+            (&g.api_version, &g.kind),
+            "gateway.networking.k8s.io",
             "ReferenceGrant",
-        )
-        .map_err(|(f, r)| (at(&f), r))?;
-        check_dns_label(&g.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
-        if !names.insert((&g.metadata.namespace, &g.metadata.name)) {
-            return Err((
-                at("metadata.name"),
-                format!(
-                    "duplicate ReferenceGrant {}/{}",
-                    g.metadata.namespace, g.metadata.name
-                ),
-            ));
-        }
+            &g.metadata,
+            &mut names,
+        )?;
         if g.spec.from.is_empty() || g.spec.to.is_empty() {
             return Err((at("spec"), "from and to must not be empty".into()));
         }
@@ -541,23 +535,14 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
     let mut names = HashSet::new();
     for (i, d) in f.destination_rules.iter().enumerate() {
         let at = |field: &str| format!("destinationRules[{i}].{field}");
-        gateway::check_api(
-            &d.api_version,
-            &d.kind,
-            &["networking.istio.io"],
+        check_object(
+            &at,
+            (&d.api_version, &d.kind),
+            "networking.istio.io",
             "DestinationRule",
-        )
-        .map_err(|(f, r)| (at(&f), r))?;
-        check_dns_label(&d.metadata.name, true).map_err(|r| (at("metadata.name"), r))?;
-        if !names.insert((&d.metadata.namespace, &d.metadata.name)) {
-            return Err((
-                at("metadata.name"),
-                format!(
-                    "duplicate DestinationRule {}/{}",
-                    d.metadata.namespace, d.metadata.name
-                ),
-            ));
-        }
+            &d.metadata,
+            &mut names,
+        )?;
         let (name, ns) = super::split_host(&d.spec.host, &d.metadata.namespace);
         if service(ns, name).is_none() {
             return Err((
