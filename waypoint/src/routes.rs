@@ -220,6 +220,15 @@ impl RouteTable {
                         route: id.clone(),
                         reason,
                     })?;
+                // Said once per table (a table lives as long as its model).
+                for b in rule.backends.iter().filter(|b| b.problem.is_some()) {
+                    tracing::warn!(
+                        route = %id,
+                        backend = %format!("{}/{}", b.namespace, b.name),
+                        problem = %b.problem.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+                        "backend cannot be used: its share of requests gets 500"
+                    );
+                }
                 let idx = table.rules.len();
                 table.rules.push(rule);
                 let default_match = [Default::default()];
