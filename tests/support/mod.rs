@@ -4,6 +4,7 @@
 //! in-process agents. Everything is removed when the harness is dropped,
 //! also when the test fails.
 
+pub mod cluster;
 pub mod kube;
 pub mod loadgen;
 pub mod netns;

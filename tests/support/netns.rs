@@ -94,7 +94,7 @@ pub fn e2e_available() -> bool {
 
 /// `target/<profile>`: test binaries live in its `deps/`, other binaries
 /// (the demo) directly in it.
-fn workspace_target() -> PathBuf {
+pub fn workspace_target() -> PathBuf {
     let exe = std::env::current_exe().expect("own binary path");
     let dir = exe.parent().expect("binary directory");
     if dir.ends_with("deps") {

@@ -37,7 +37,9 @@ enum Task {
     /// Build everything and run the local demo cluster.
     Demo,
     /// Build (once, cached outside the repository) the Kubernetes API
-    /// server the Kubernetes tests run against.
+    /// server the Kubernetes tests run against, and what the real-node
+    /// tests add: kubelet and the other node binaries, containerd and CNI
+    /// plugins (Debian's), the pause and busybox images.
     KubeApiserver,
     /// Measure what the mesh adds per node against no mesh (latency at a
     /// fixed rate, cost, throughput, scale); report under target/bench.
@@ -324,7 +326,10 @@ fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> 
 /// kube-apiserver v1.20 from Debian's source package, cached in
 /// /var/cache/sluice-kube (see the script).
 fn kube_apiserver(root: &std::path::Path) -> Result<()> {
-    run(Command::new("sh").arg(root.join("xtask/scripts/kube-apiserver.sh")))
+    run(Command::new("sh").arg(root.join("xtask/scripts/kube-apiserver.sh")))?;
+    // The real-node tests: containerd, CNI, kubelet and the other node
+    // binaries from the same source tree, and the base images.
+    run(Command::new("sh").arg(root.join("xtask/scripts/kube-node.sh")))
 }
 
 /// Where the agent looks for the eBPF object by default.
