@@ -1,5 +1,9 @@
 //! Admin (15000, localhost: `/config_dump`), Prometheus metrics (15020:
-//! `/metrics`, `/stats/prometheus`) and readiness (15021: `/healthz/ready`).
+//! `/metrics`, `/stats/prometheus`), readiness (15021: `/healthz/ready`) and
+//! liveness (15021: `/healthz/live`: the data path runs; unlike readiness it
+//! does not depend on the CA or on every pod being enrolled, so an outage
+//! of those never gets the agent — and every connection of the node —
+//! restarted).
 //! They run on a dedicated single-threaded runtime on their own OS thread,
 //! so a slow scrape or a large dump never competes with the data path.
 
@@ -39,6 +43,7 @@ impl AdminServer {
         readiness: std::net::TcpListener,
     ) -> Self {
         let (tx, rx) = oneshot::channel();
+        let data = tokio::runtime::Handle::current();
         let thread = std::thread::Builder::new()
             .name("sluice-admin".into())
             .spawn(move || {
@@ -60,8 +65,9 @@ impl AdminServer {
                         (readiness, Role::Readiness),
                     ] {
                         let ctx = ctx.clone();
+                        let data = data.clone();
                         tasks.spawn(async move {
-                            if let Err(e) = serve(l, role, ctx).await {
+                            if let Err(e) = serve(l, role, ctx, data).await {
                                 tracing::error!(error = %e, "admin listener failed");
                             }
                         });
@@ -97,21 +103,49 @@ impl Drop for AdminServer {
     }
 }
 
-async fn serve(l: std::net::TcpListener, role: Role, ctx: Arc<Ctx>) -> std::io::Result<()> {
+async fn serve(
+    l: std::net::TcpListener,
+    role: Role,
+    ctx: Arc<Ctx>,
+    data: tokio::runtime::Handle,
+) -> std::io::Result<()> {
     l.set_nonblocking(true)?;
     let l = tokio::net::TcpListener::from_std(l)?;
     loop {
         let (tcp, _) = l.accept().await?;
         let ctx = ctx.clone();
+        let data = data.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(req, role, &ctx)) }
+                let data = data.clone();
+                async move {
+                    if req.method() == Method::GET && req.uri().path() == "/healthz/live" {
+                        return Ok::<_, Infallible>(liveness(&data).await);
+                    }
+                    Ok(route(req, role, &ctx))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
+    }
+}
+
+/// How long the data-path runtime may take to run a task before the
+/// agent is reported not alive.
+const LIVENESS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Alive while the data-path runtime runs a trivial task promptly.
+async fn liveness(data: &tokio::runtime::Handle) -> Response<Body> {
+    match tokio::time::timeout(LIVENESS_WAIT, data.spawn(async {})).await {
+        Ok(Ok(())) => respond(StatusCode::OK, "text/plain", "alive\n"),
+        _ => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the data path does not run tasks\n",
+        ),
     }
 }
 
@@ -184,7 +218,7 @@ fn route(req: Request<Incoming>, role: Role, ctx: &Ctx) -> Response<Body> {
         (Role::Admin, "/") => respond(
             StatusCode::OK,
             "text/plain",
-            "endpoints: /config_dump /access_log[?follow=1] /healthz/ready\n",
+            "endpoints: /config_dump /access_log[?follow=1] /healthz/ready /healthz/live\n",
         ),
         (Role::Metrics, "/metrics" | "/stats/prometheus") => {
             crate::telemetry::refresh_gauges(ctx);

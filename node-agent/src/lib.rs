@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod podnet;
 pub mod podns;
 pub mod telemetry;
+pub mod uninstall;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -59,6 +60,8 @@ pub enum AgentError {
         name: String,
         source: std::io::Error,
     },
+    #[error("the pod's network namespace is not found on this node (yet)")]
+    NoNetns,
 }
 
 /// State shared by every task of the agent.
@@ -714,6 +717,11 @@ fn start_workload(
 ) -> Result<LocalWorkload, AgentError> {
     use podnet::PodNet;
     let net = match netns {
+        // A captured pod is served in its own namespace, never the
+        // agent's: not found yet (sandbox starting), it waits for the next
+        // round. (Without capture — loopback tests — workloads live on
+        // the agent's addresses.)
+        None if ctx.cfg.kube.is_some() && ctx.capture.is_some() => return Err(AgentError::NoNetns),
         None => PodNet::Host,
         Some(name) => PodNet::Netns(Arc::new(capture::netns::Netns::open(name).map_err(
             |source| AgentError::Netns {

@@ -43,6 +43,25 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Remove a node's eBPF capture (pinned programs, links and maps), as
+    /// an agent does when its DaemonSet is deleted — for nodes where no
+    /// agent could (Sluice removed while the node was down, say). Pods of
+    /// the node talk directly again, in plaintext.
+    Cleanup {
+        /// The node whose capture to remove.
+        #[arg(long, env = "SLUICE_NODE")]
+        node: String,
+        /// bpffs directory of the capture (default: /sys/fs/bpf/sluice/<node>).
+        #[arg(long, env = "SLUICE_BPFFS_DIR")]
+        bpffs_dir: Option<PathBuf>,
+    },
+    /// Mount bpffs at a directory unless one is there (the DaemonSet's
+    /// init container: with the host's /sys/fs/bpf mounted Bidirectional,
+    /// the pins then live on the host and outlive agent restarts).
+    MountBpffs {
+        #[arg(default_value = "/sys/fs/bpf")]
+        dir: PathBuf,
+    },
     /// Validate a mesh file and print what it contains.
     Check {
         /// The mesh file.
@@ -116,6 +135,12 @@ struct RunArgs {
     /// Kubeconfig for `--kube` (default: in-cluster, or $KUBECONFIG).
     #[arg(long, env = "SLUICE_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// The agent's own pod (`namespace/name`, from the downward API) in
+    /// Kubernetes mode: when the DaemonSet owning it or its namespace is
+    /// deleted, stopping removes the node's capture (an uninstall);
+    /// otherwise the capture stays pinned (fail closed) for the next agent.
+    #[arg(long, env = "SLUICE_POD")]
+    pod: Option<String>,
     /// Trust domain of workload identities in Kubernetes mode.
     #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
@@ -193,6 +218,13 @@ struct RunArgs {
     /// cgroup2 root).
     #[arg(long, env = "SLUICE_CGROUP")]
     cgroup: Option<PathBuf>,
+    /// The node's own network namespace. Its connections to pods — the
+    /// kubelet's health probes, host-network pods — reach them directly,
+    /// as in Istio, and it is never enrolled (default in Kubernetes mode:
+    /// the kubelet's, found in `<proc-root>`, else PID 1's; `none`: capture
+    /// them too).
+    #[arg(long, env = "SLUICE_HOST_NETNS")]
+    host_netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -254,6 +286,24 @@ fn main() -> anyhow::Result<()> {
         Command::Ca {
             command: CaCommand::Serve(a),
         } => serve_ca(*a),
+        Command::MountBpffs { dir } => {
+            if node_agent::capture::mount_bpffs(&dir)? {
+                println!("mounted bpffs at {}", dir.display());
+            } else {
+                println!("bpffs already mounted at {}", dir.display());
+            }
+            Ok(())
+        }
+        Command::Cleanup { node, bpffs_dir } => {
+            let dir = bpffs_dir.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/sluice").join(&node));
+            let n = node_agent::capture::remove_pins(&dir)
+                .with_context(|| format!("removing {}", dir.display()))?;
+            println!(
+                "{}: {n} pins removed; capture is off on node {node}",
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Check { mesh_file } => {
             let m = mesh_core::model::MeshModel::load(&mesh_file)?;
             println!(
@@ -272,6 +322,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
+    let own_pod = match (&a.pod, a.kube) {
+        (Some(p), true) => Some(
+            p.split_once('/')
+                .map(|(ns, n)| (ns.to_string(), n.to_string()))
+                .with_context(|| format!("--pod {p:?}: expected namespace/name"))?,
+        ),
+        _ => None,
+    };
+    let kubeconfig = a.kubeconfig.clone();
     let mut cfg = AgentConfig::new(&a.node, a.mesh_file.unwrap_or_default());
     if a.kube {
         cfg.kube = Some(node_agent::KubeSource {
@@ -327,6 +386,17 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             outbound_port: cfg.outbound_port,
             inbound_port: cfg.inbound_port,
             hbone_port: cfg.hbone_port,
+            host_netns: match a.host_netns {
+                Some(p) if p.as_os_str() == "none" => None,
+                Some(p) => Some(p),
+                None => cfg.kube.as_ref().and_then(|k| {
+                    let found = node_agent::podns::find_node_netns(&k.proc_root);
+                    if found.is_none() {
+                        tracing::warn!(proc_root = %k.proc_root.display(), "the node's network namespace (the kubelet's, or PID 1's) cannot be opened: the kubelet's probes of enrolled pods are captured like any plaintext (STRICT mTLS refuses them)");
+                    }
+                    found
+                }),
+            },
         });
     }
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -340,6 +410,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             readiness = %agent.readiness_addr,
             "agent started"
         );
+        let removal = match own_pod {
+            Some((ns, pod)) => Some(node_agent::uninstall::follow(
+                node_agent::kube_client(kubeconfig.as_deref()).await?,
+                ns,
+                pod,
+            )),
+            None => None,
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let handed_over = tokio::select! {
             _ = tokio::signal::ctrl_c() => false,
@@ -349,6 +427,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 true
             }
         };
+        // Stopping for good: new connections go direct at once, the
+        // established ones drain through this agent.
+        if !handed_over && removal.is_some_and(|r| r.removing()) {
+            if let Some(c) = &agent.ctx.capture {
+                c.uninstall();
+            }
+        }
         // Drain. A signal during it cuts it short — except, after a
         // hand-over, the first one: that is the old pod being deleted, which
         // only means "exit once drained".

@@ -24,11 +24,15 @@ pub fn cgroup_mentions_pod(cgroup: &str, uid: &str) -> bool {
 }
 
 /// The network namespace of pod `uid`: `<proc>/<pid>/ns/net` of the
-/// oldest (lowest PID, normally the sandbox) process in the pod's cgroup.
+/// oldest (lowest PID, normally the sandbox) process in the pod's cgroup
+/// that is not in the node's namespace.
 pub fn find_pod_netns(proc_root: &Path, uid: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     if uid.is_empty() {
         return None;
     }
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let host = id(&proc_root.join("1/ns/net"));
     let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
         .ok()?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -38,8 +42,29 @@ pub fn find_pod_netns(proc_root: &Path, uid: &str) -> Option<PathBuf> {
         let dir = proc_root.join(pid.to_string());
         let cgroup = std::fs::read_to_string(dir.join("cgroup")).ok()?;
         let ns = dir.join("ns/net");
-        (cgroup_mentions_pod(&cgroup, uid) && ns.exists()).then_some(ns)
+        let own = cgroup_mentions_pod(&cgroup, uid) && id(&ns).is_some_and(|i| Some(i) != host);
+        own.then_some(ns)
     })
+}
+
+/// The node's own network namespace, where the kubelet's probes come
+/// from: the kubelet's (`comm` `kubelet`, or k3s's), else PID 1's — the
+/// first whose `ns/net` this process may open.
+pub fn find_node_netns(proc_root: &Path) -> Option<PathBuf> {
+    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    let kubelet = pids.into_iter().filter(|pid| {
+        let comm =
+            std::fs::read_to_string(proc_root.join(format!("{pid}/comm"))).unwrap_or_default();
+        matches!(comm.trim(), "kubelet" | "k3s-server" | "k3s-agent")
+    });
+    kubelet
+        .chain(std::iter::once(1))
+        .map(|pid| proc_root.join(format!("{pid}/ns/net")))
+        .find(|ns| std::fs::File::open(ns).is_ok())
 }
 
 #[cfg(test)]
@@ -77,6 +102,39 @@ mod tests {
             Some(root.join("4000/ns/net")),
             "the sandbox (lowest pid) wins"
         );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_process_of_the_pod_in_the_nodes_namespace_is_skipped() {
+        let u = UID.replace('-', "_");
+        let slice = format!("0::/kubepods.slice/kubepods-pod{u}.slice");
+        let root = fake_proc(&[
+            (1, "0::/init.scope\n"),
+            (300, &format!("{slice}/crio-conmon-0123.scope\n")),
+            (301, &format!("{slice}/crio-0123.scope\n")),
+        ]);
+        // conmon (300) shares the node's namespace.
+        std::fs::remove_file(root.join("300/ns/net")).unwrap();
+        std::fs::hard_link(root.join("1/ns/net"), root.join("300/ns/net")).unwrap();
+        assert_eq!(find_pod_netns(&root, UID), Some(root.join("301/ns/net")));
+        // With only conmon left, the pod has no namespace to capture yet.
+        std::fs::remove_dir_all(root.join("301")).unwrap();
+        assert_eq!(find_pod_netns(&root, UID), None);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn the_node_is_where_the_kubelet_runs() {
+        let root = fake_proc(&[
+            (1, "0::/init.scope\n"),
+            (812, "0::/system.slice/kubelet.service\n"),
+        ]);
+        std::fs::write(root.join("1/comm"), "systemd\n").unwrap();
+        std::fs::write(root.join("812/comm"), "kubelet\n").unwrap();
+        assert_eq!(find_node_netns(&root), Some(root.join("812/ns/net")));
+        std::fs::remove_dir_all(root.join("812")).unwrap();
+        assert_eq!(find_node_netns(&root), Some(root.join("1/ns/net")));
         std::fs::remove_dir_all(root).unwrap();
     }
 

@@ -22,6 +22,13 @@ pub mod maps {
     pub const INBOUND_PODS: &str = "SLUICE_INBOUND_PODS";
     /// Array of u32 settings, indexed by [`super::config`].
     pub const CONFIG: &str = "SLUICE_CONFIG";
+    /// One u64: the cookie of the node's own (host) network namespace, or
+    /// 0 when connections from the node are not exempted.
+    pub const HOST_NETNS: &str = "SLUICE_HOST_NETNS";
+    /// [`super::FlowKey`] → u32: connections opened from the node's own
+    /// namespace to a captured pod (the kubelet's probes), which inbound
+    /// capture lets through. Added at connect, removed at close.
+    pub const HOST_CONNS: &str = "SLUICE_HOST_CONNS";
 }
 
 /// Indices into the CONFIG array.
@@ -39,6 +46,8 @@ pub mod config {
 
 /// Capacity of the connection-tracking maps (LRU: they cannot grow beyond).
 pub const CONN_MAP_SIZE: u32 = 65536;
+/// Capacity of the map of connections from the node to its pods (LRU).
+pub const HOST_CONN_MAP_SIZE: u32 = 16384;
 /// Capacity of the per-pod maps.
 pub const POD_MAP_SIZE: u32 = 4096;
 
@@ -79,6 +88,21 @@ pub struct ConnKey {
     pub _pad: [u8; 6],
 }
 
+/// One TCP connection, named from the client's side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowKey {
+    /// Client address, network order, IPv4-mapped for IPv4.
+    pub src: [u8; 16],
+    /// Server address, same form.
+    pub dst: [u8; 16],
+    /// Client port, host order.
+    pub sport: u16,
+    /// Server port, host order.
+    pub dport: u16,
+    pub _pad: [u8; 4],
+}
+
 /// A pod IP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,4 +137,5 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }

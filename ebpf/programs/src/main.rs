@@ -12,12 +12,23 @@
 //! except HBONE and the agent's own ports and connections the agent itself
 //! makes to the application. A captured pod with no listener (agent down)
 //! gets its connections dropped: fail closed.
+//!
+//! The node's own connections to its pods (the kubelet's health probes,
+//! host-network pods) are not captured, as Istio exempts them: `sock_ops`
+//! records each connection a socket of the host's network namespace opens
+//! to a captured pod (and forgets it at close), and `sk_lookup` lets the
+//! recorded ones through. Only sockets of the node itself qualify — traffic
+//! the node merely forwards (a NodePort, masqueraded to the node's address)
+//! has no such socket and stays captured.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action},
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, sk_action,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockHash},
@@ -25,8 +36,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use sluice_ebpf_common::{
-    AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, Enrolled, IpKey, OrigDst, POD_MAP_SIZE,
-    config, ip6_bytes, v4_mapped,
+    AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, Enrolled, FlowKey, HOST_CONN_MAP_SIZE, IpKey,
+    OrigDst, POD_MAP_SIZE, config, ip6_bytes, v4_mapped,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -53,6 +64,12 @@ static INBOUND_PODS: HashMap<IpKey, u32> = HashMap::pinned(POD_MAP_SIZE, 0);
 
 #[map(name = "SLUICE_CONFIG")]
 static CONFIG: Array<u32> = Array::pinned(config::LEN, 0);
+
+#[map(name = "SLUICE_HOST_NETNS")]
+static HOST_NETNS: Array<u64> = Array::pinned(1, 0);
+
+#[map(name = "SLUICE_HOST_CONNS")]
+static HOST_CONNS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(HOST_CONN_MAP_SIZE, 0);
 
 #[inline(always)]
 fn setting(i: u32) -> u32 {
@@ -177,15 +194,10 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
         return 1;
     }
-    // SAFETY: valid context pointer, helper allowed for sock_ops.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
-        return 1;
-    };
     // SAFETY: valid context pointer, helper allowed for sock_ops (5.15+).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // Every context field is read once, at its fixed offset: the verifier
@@ -193,7 +205,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     // makes of a per-family branch.
     let ops = ctx.ops;
     // SAFETY: valid bpf_sock_ops; all these fields are readable in sock_ops.
-    let (family, ip4, w, port) = unsafe {
+    let (family, ip4, w, port, rip4, rw, rport, new_state) = unsafe {
         (
             core::ptr::read_volatile(&(*ops).family),
             core::ptr::read_volatile(&(*ops).local_ip4),
@@ -204,12 +216,59 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
                 core::ptr::read_volatile(&(*ops).local_ip6[3]),
             ],
             core::ptr::read_volatile(&(*ops).local_port),
+            core::ptr::read_volatile(&(*ops).remote_ip4),
+            [
+                core::ptr::read_volatile(&(*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            core::ptr::read_volatile(&(*ops).remote_port),
+            core::ptr::read_volatile(&(*ops).__bindgen_anon_1.args[1]),
         )
     };
-    let ip = match family {
-        AF_INET => v4_mapped(ip4.to_ne_bytes()),
-        AF_INET6 => ip6_bytes(w),
+    let (ip, rip) = match family {
+        AF_INET => (v4_mapped(ip4.to_ne_bytes()), v4_mapped(rip4.to_ne_bytes())),
+        AF_INET6 => (ip6_bytes(w), ip6_bytes(rw)),
         _ => return 1,
+    };
+    // The node's own connection to a captured pod: remembered until it
+    // closes (the state callback is asked for only on these sockets).
+    let host = HOST_NETNS.get(0).copied().unwrap_or(0);
+    if host != 0 && netns == host {
+        let flow = FlowKey {
+            src: ip,
+            dst: rip,
+            sport: port as u16,
+            // Network order in the upper half of the word.
+            dport: u32::from_be(rport) as u16,
+            _pad: [0; 4],
+        };
+        if op == BPF_SOCK_OPS_STATE_CB {
+            if new_state == BPF_TCP_CLOSE {
+                let _ = HOST_CONNS.remove(&flow);
+            }
+        } else {
+            // SAFETY: the value is only tested for presence.
+            let captured = unsafe { INBOUND_PODS.get(&IpKey { ip: rip }) }.is_some();
+            if captured {
+                if HOST_CONNS.insert(&flow, &1, 0).is_ok() {
+                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                } else {
+                    warn!(&ctx, "cannot record a connection from the node to a pod");
+                }
+            }
+        }
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // SAFETY: valid context pointer, helper allowed for sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
+        return 1;
     };
     let key = ConnKey {
         netns,
@@ -239,14 +298,16 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
     {
         return sk_action::SK_PASS;
     }
-    let ip = if family == AF_INET {
+    // SAFETY: as above.
+    let remote_port = u16::from_be(unsafe { (*l).remote_port });
+    let (ip, rip) = if family == AF_INET {
         // SAFETY: as above.
         let (local, remote) =
             unsafe { ((*l).local_ip4.to_ne_bytes(), (*l).remote_ip4.to_ne_bytes()) };
         if local[0] == 127 || remote == AGENT_INBOUND_SOURCE_V4 {
             return sk_action::SK_PASS;
         }
-        v4_mapped(local)
+        (v4_mapped(local), v4_mapped(remote))
     } else if family == AF_INET6 {
         // SAFETY: as above.
         let (w, r) = unsafe { ((*l).local_ip6, (*l).remote_ip6) };
@@ -258,13 +319,25 @@ pub fn sluice_sk_lookup(ctx: SkLookupContext) -> u32 {
         if r == w {
             return sk_action::SK_PASS;
         }
-        ip6_bytes(w)
+        (ip6_bytes(w), ip6_bytes(r))
     } else {
         return sk_action::SK_PASS;
     };
     let key = IpKey { ip };
     // SAFETY: the value is only tested for presence.
     if unsafe { INBOUND_PODS.get(&key) }.is_none() {
+        return sk_action::SK_PASS;
+    }
+    let flow = FlowKey {
+        src: rip,
+        dst: ip,
+        sport: remote_port,
+        dport: port as u16,
+        _pad: [0; 4],
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { HOST_CONNS.get(&flow) }.is_some() {
+        // From the node itself (a kubelet probe): straight to the app.
         return sk_action::SK_PASS;
     }
     match INBOUND.redirect_sk_lookup(&ctx, key, 0) {

@@ -255,6 +255,13 @@ impl CaService {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(t)) => t,
+                    // A connection closed before any TLS is a TCP probe
+                    // (the kubelet's, a load balancer's): not worth a line
+                    // every few seconds.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "certificate service: closed before the TLS handshake");
+                        return;
+                    }
                     Ok(Err(e)) => {
                         tracing::info!(%peer, "certificate service: TLS handshake failed: {e}");
                         return;

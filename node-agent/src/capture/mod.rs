@@ -45,6 +45,9 @@ pub struct CaptureConfig {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub hbone_port: u16,
+    /// The node's own network namespace: its connections to pods (the
+    /// kubelet's probes) are not captured, and it is never enrolled.
+    pub host_netns: Option<PathBuf>,
 }
 
 /// Why capture could not be set up or changed.
@@ -72,6 +75,10 @@ pub enum CaptureError {
     Missing(&'static str),
     #[error("eBPF map {0} is full ({1} entries): no room for this pod until others leave")]
     Full(&'static str, u32),
+    #[error("network namespace {0} is the node's own: capturing it would capture the node")]
+    HostNamespace(String),
+    #[error("capture was removed from this node (uninstall)")]
+    Removed,
 }
 
 /// A map update's error, telling a full map (E2BIG) apart.
@@ -112,6 +119,10 @@ struct Maps {
 /// The loaded capture programs of this node.
 pub struct Capture {
     cfg: CaptureConfig,
+    /// Cookie of the node's own namespace (0: not known).
+    host_cookie: u64,
+    /// Set by [`Capture::uninstall`]: nothing is captured any more.
+    removed: std::sync::atomic::AtomicBool,
     ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
 }
@@ -141,30 +152,46 @@ fn ip_from_key(b: [u8; 16]) -> IpAddr {
     }
 }
 
-/// Mount bpffs at `/sys/fs/bpf` if nothing is mounted there.
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
+/// Whether a bpffs is mounted at `dir` or above it.
+fn bpffs_covers(dir: &Path) -> Result<bool, CaptureError> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")
         .map_err(io_err("reading /proc/self/mounts"))?;
-    let mounted = mounts.lines().any(|l| {
+    Ok(mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         let (_, at, kind) = (f.next(), f.next(), f.next());
-        kind == Some("bpf") && at.is_some_and(|at| pin_dir.starts_with(at))
-    });
-    if !mounted {
-        let root = Path::new("/sys/fs/bpf");
-        std::fs::create_dir_all(root).map_err(io_err("creating /sys/fs/bpf"))?;
-        nix::mount::mount(
-            Some("bpf"),
-            root,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| CaptureError::Io {
-            what: "mounting bpffs at /sys/fs/bpf".into(),
-            source: e.into(),
-        })?;
-        tracing::info!("mounted bpffs at /sys/fs/bpf");
+        kind == Some("bpf") && at.is_some_and(|at| dir.starts_with(at))
+    }))
+}
+
+/// Mount bpffs at `root` unless one is mounted there already; true if this
+/// call mounted it. (`sluice-agent mount-bpffs`, the DaemonSet's init
+/// container, runs it with the host's `/sys/fs/bpf` mounted Bidirectional.)
+pub fn mount_bpffs(root: &Path) -> Result<bool, CaptureError> {
+    if bpffs_covers(root)? {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(root).map_err(io_err(format!("creating {}", root.display())))?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| CaptureError::Io {
+        what: format!("mounting bpffs at {}", root.display()),
+        source: e.into(),
+    })?;
+    Ok(true)
+}
+
+/// Make sure `pin_dir` is on a bpffs, mounting one at `/sys/fs/bpf` if
+/// needed.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), CaptureError> {
+    if !bpffs_covers(pin_dir)? && mount_bpffs(Path::new("/sys/fs/bpf"))? {
+        tracing::warn!(
+            "mounted bpffs at /sys/fs/bpf myself: unless that directory is shared with the host, the capture does not outlive this agent (pods would talk in plaintext while it is away); mount bpffs on the host (the DaemonSet's init container does)"
+        );
     }
     std::fs::create_dir_all(pin_dir.join("links"))
         .map_err(io_err(format!("creating {}", pin_dir.display())))
@@ -199,6 +226,22 @@ impl Capture {
             conf.set(i, v, 0)
                 .map_err(|e| CaptureError::Map(e, maps::CONFIG))?;
         }
+        let host_cookie = match &cfg.host_netns {
+            Some(path) => Netns::open(&path.display().to_string())
+                .map_err(io_err(format!(
+                    "opening the node's network namespace {}",
+                    path.display()
+                )))?
+                .cookie(),
+            None => 0,
+        };
+        let mut host: Array<_, u64> = Array::try_from(
+            ebpf.map_mut(maps::HOST_NETNS)
+                .ok_or(CaptureError::Missing(maps::HOST_NETNS))?,
+        )
+        .map_err(|e| CaptureError::Map(e, maps::HOST_NETNS))?;
+        host.set(0, host_cookie, 0)
+            .map_err(|e| CaptureError::Map(e, maps::HOST_NETNS))?;
 
         // bpf_link attachments always stack (the kernel rejects the
         // ALLOW_MULTI flag for links), so "Single" still coexists with other
@@ -248,6 +291,8 @@ impl Capture {
         tracing::info!(pin_dir = %cfg.pin_dir.display(), cgroup = %cfg.cgroup.display(), "eBPF capture attached");
         Ok(Capture {
             cfg,
+            host_cookie,
+            removed: Default::default(),
             ebpf: Mutex::new(ebpf),
             maps: Mutex::new(m),
         })
@@ -261,6 +306,12 @@ impl Capture {
         ns: &Netns,
         inbound: &[(IpAddr, std::os::fd::BorrowedFd<'_>)],
     ) -> Result<(), CaptureError> {
+        if self.removed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CaptureError::Removed);
+        }
+        if self.host_cookie != 0 && ns.cookie() == self.host_cookie {
+            return Err(CaptureError::HostNamespace(ns.path().display().to_string()));
+        }
         let link_path = self.sk_lookup_pin(ns.cookie());
         {
             let mut ebpf = lock(&self.ebpf);
@@ -370,6 +421,22 @@ impl Capture {
         &self.cfg
     }
 
+    /// Remove this node's capture for good (Sluice is being uninstalled):
+    /// every pinned link and map goes, which detaches the programs; they
+    /// are freed when the agent exits. Pods talk directly again.
+    pub fn uninstall(&self) {
+        self.removed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match remove_pins(&self.cfg.pin_dir) {
+            Ok(n) => {
+                tracing::info!(pin_dir = %self.cfg.pin_dir.display(), removed = n, "eBPF capture removed from this node")
+            }
+            Err(e) => {
+                tracing::error!(pin_dir = %self.cfg.pin_dir.display(), error = %e, "cannot remove the eBPF capture; run `sluice-agent cleanup` on this node")
+            }
+        }
+    }
+
     fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {
         self.cfg
             .pin_dir
@@ -393,6 +460,33 @@ impl OriginalDestination for Capture {
         let _ = m.orig.remove(&key);
         Some(decode_orig_dst(&orig))
     }
+}
+
+/// Remove a node's pinned capture (links, then maps, then the directory
+/// and its parent if empty); returns how many pins went. Removing a link's
+/// pin detaches its program once no process holds the link.
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for dir in [pin_dir.join("links"), pin_dir.to_path_buf()] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                std::fs::remove_file(e.path())?;
+                n += 1;
+            }
+        }
+        std::fs::remove_dir(&dir)?;
+    }
+    if let Some(parent) = pin_dir.parent() {
+        // Only if no other node's agent uses it (a shared test host).
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(n)
 }
 
 /// Load a cgroup program, attach it to `cgroup` and pin its link under
