@@ -121,6 +121,7 @@ async fn hbone_setup() -> (HboneConnector, ConnectRequest) {
         hbone_addr: addr,
         authority: "10.0.0.2:8080".parse().unwrap(),
         headers: http::HeaderMap::new(),
+        origin: None,
     };
     (connector, req)
 }

@@ -140,6 +140,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         hbone_addr: SocketAddr::new(ep.addr.ip(), ctx.cfg.hbone_port),
         authority,
         headers,
+        origin: origin(&ctx, src_ip),
     };
     let stream = match ctx.connector.connect(&req).await {
         Ok(s) => s,
@@ -182,6 +183,22 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
 }
 
 /// Forward in plaintext to a destination outside the mesh.
+/// Where the pod at `src_ip` dials from: inside its own namespace, so the
+/// destination sees the pod (ztunnel's in-pod mode), not the agent.
+fn origin(ctx: &Ctx, src_ip: IpAddr) -> Option<mesh_core::hbone::Origin> {
+    ctx.pod_net(src_ip)?.origin(src_ip, ctx.cfg.mark)
+}
+
+/// The source workload's address of `dst`'s family (its first otherwise).
+fn src_ip_of(src: &Workload, dst: SocketAddr) -> IpAddr {
+    src.ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .or_else(|| src.ips.first().copied())
+        .unwrap_or(dst.ip())
+}
+
 async fn passthrough(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -191,20 +208,25 @@ async fn passthrough(
     dst_workload: Option<&Workload>,
     ctx: &Ctx,
 ) {
-    let upstream =
-        match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(dst)).await {
-            Ok(Ok(u)) => u,
-            Ok(Err(e)) => {
-                tracing::info!(src = %peer, %dst, error = %e, "passthrough destination refused");
-                ctx.metrics.refuse("outbound", "passthrough_connect_failed");
-                return reset_tcp(&tcp);
-            }
-            Err(_) => {
-                ctx.metrics
-                    .refuse("outbound", "passthrough_connect_timeout");
-                return reset_tcp(&tcp);
-            }
-        };
+    let from = origin(ctx, src_ip_of(src, dst));
+    let upstream = match tokio::time::timeout(
+        ctx.cfg.connect_timeout,
+        mesh_core::hbone::dial(from.as_ref(), dst),
+    )
+    .await
+    {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            tracing::info!(src = %peer, %dst, error = %e, "passthrough destination refused");
+            ctx.metrics.refuse("outbound", "passthrough_connect_failed");
+            return reset_tcp(&tcp);
+        }
+        Err(_) => {
+            ctx.metrics
+                .refuse("outbound", "passthrough_connect_timeout");
+            return reset_tcp(&tcp);
+        }
+    };
     let _ = upstream.set_nodelay(true);
     let src_id = model.identity(src);
     let labels = TcpLabels::new(

@@ -1,8 +1,8 @@
 //! Where a local workload's sockets live. `Host`: the agent's own network
 //! namespace, on the workload's IPs (loopback demos and tests). `Netns`: the
-//! pod's own namespace, entered with `setns` to create listeners and the
-//! connections to the application — the in-pod model, independent of the
-//! CNI.
+//! pod's own namespace, entered with `setns` to create listeners, the
+//! connections to the application and the pod's own outbound connections
+//! (HBONE, passthrough) — the in-pod model, independent of the CNI.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -98,6 +98,34 @@ impl PodNet {
         TcpSocket::from_std_stream(std::net::TcpStream::from(sock))
             .connect(target)
             .await
+    }
+
+    /// A socket for the workload's own outbound connections (HBONE tunnels,
+    /// passthrough), made inside its namespace so the destination sees the
+    /// pod's address, and carrying the agent's mark so capture leaves it
+    /// alone.
+    pub fn dial_socket(&self, target: SocketAddr, mark: u32) -> io::Result<TcpSocket> {
+        let sock = self.run(|| {
+            let s = new_socket(&target)?;
+            if mark != 0 {
+                s.set_mark(mark)?;
+            }
+            Ok(s)
+        })?;
+        Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(sock)))
+    }
+
+    /// Where a workload at `addr` dials from: its namespace (`None` for the
+    /// agent's own, which needs no origin).
+    pub fn origin(&self, addr: IpAddr, mark: u32) -> Option<mesh_core::hbone::Origin> {
+        let net = match self {
+            PodNet::Netns(_) => self.clone(),
+            PodNet::Host => return None,
+        };
+        Some(mesh_core::hbone::Origin {
+            addr,
+            socket: Arc::new(move |to| net.dial_socket(to, mark)),
+        })
     }
 
     /// Whether this is a pod namespace.

@@ -142,6 +142,8 @@ impl Upstream {
             hbone_addr: SocketAddr::new(t.addr.ip(), self.hbone_port),
             authority: t.addr,
             headers: t.connect_headers.clone(),
+            // The waypoint is a pod of its own: it dials from there.
+            origin: None,
         };
         let stream =
             self.connector

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 
 pub use io::H2Io;
-pub use pool::{ConnectRequest, HboneConnector, PoolStats};
+pub use pool::{dial, ConnectRequest, HboneConnector, Origin, PoolStats};
 pub use server::InboundStream;
 pub use splice::{splice, SpliceError, Transferred};
 

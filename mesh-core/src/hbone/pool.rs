@@ -10,7 +10,7 @@
 //! new certificate while old ones drain.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::{H2Stream, HboneSettings};
 use crate::identity::certs::CertError;
@@ -38,6 +38,56 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// Extra request headers (`forwarded`, `baggage`, `traceparent`).
     pub headers: HeaderMap,
+    /// Where the TCP connection is made from (default: the proxy's own
+    /// network namespace).
+    pub origin: Option<Origin>,
+}
+
+/// Where a connection is dialled from when not the proxy's own network
+/// namespace: a pod's, so the destination — and NetworkPolicies, and
+/// anything else keyed on pod IPs — sees the pod, as with ztunnel's in-pod
+/// mode. Tunnels are pooled per origin. Equal when the addresses are.
+#[derive(Clone)]
+pub struct Origin {
+    /// The pod's address: what the destination sees.
+    pub addr: IpAddr,
+    /// Makes the (unconnected) socket inside the pod's namespace.
+    pub socket: Arc<dyn Fn(SocketAddr) -> std::io::Result<TcpSocket> + Send + Sync>,
+}
+
+impl Origin {
+    /// Connect to `to` from this origin.
+    pub async fn connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        (self.socket)(to)?.connect(to).await
+    }
+}
+
+/// Connect to `to` from `origin`, or from the proxy's own namespace.
+pub async fn dial(origin: Option<&Origin>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    match origin {
+        Some(o) => o.connect(to).await,
+        None => TcpStream::connect(to).await,
+    }
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Origin({})", self.addr)
+    }
+}
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr
+    }
+}
+
+impl Eq for Origin {}
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.addr.hash(h)
+    }
 }
 
 /// Why a tunnel could not be opened.
@@ -72,6 +122,7 @@ struct PoolKey {
     source: SpiffeId,
     destination: SpiffeId,
     addr: SocketAddr,
+    origin: Option<Origin>,
 }
 
 /// Shared state of one pooled connection.
@@ -179,6 +230,7 @@ impl HboneConnector {
             source: req.source.clone(),
             destination: req.destination_identity.clone(),
             addr: req.hbone_addr,
+            origin: req.origin.clone(),
         };
         // A pooled connection may be going away (its agent drains or hands
         // over to a successor): a stream it refuses never reached the
@@ -282,7 +334,7 @@ impl HboneConnector {
         state: Arc<ConnState>,
     ) -> Result<h2::client::SendRequest<Bytes>, HboneError> {
         let addr = key.addr;
-        let tcp = TcpStream::connect(addr)
+        let tcp = dial(key.origin.as_ref(), addr)
             .await
             .map_err(|source| HboneError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
@@ -461,6 +513,8 @@ mod tests {
         connector: HboneConnector,
         req: ConnectRequest,
         accepted: Arc<AtomicUsize>,
+        /// Where each accepted connection came from.
+        peers: Arc<Mutex<Vec<SocketAddr>>>,
     }
 
     /// A server that answers every CONNECT with 200 and echoes; after
@@ -492,10 +546,13 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let acc = accepted.clone();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let seen = peers.clone();
         let s = settings.clone();
         tokio::spawn(async move {
             loop {
-                let (tcp, _) = l.accept().await.unwrap();
+                let (tcp, peer) = l.accept().await.unwrap();
+                seen.lock().unwrap().push(peer);
                 acc.fetch_add(1, Ordering::SeqCst);
                 let cfg = server_cert.server_config();
                 let s = s.clone();
@@ -561,11 +618,13 @@ mod tests {
             hbone_addr: addr,
             authority: "10.0.0.2:8080".parse().unwrap(),
             headers: HeaderMap::new(),
+            origin: None,
         };
         Setup {
             connector,
             req,
             accepted,
+            peers,
         }
     }
 
@@ -586,6 +645,38 @@ mod tests {
     /// Many short request/response tunnels, one after the other, share one
     /// pooled connection for its whole life: nothing about small frames or
     /// stream churn may make either side give up on it.
+    #[tokio::test]
+    async fn tunnels_are_dialled_from_their_origin_and_pooled_per_origin() {
+        let s = setup(HboneSettings::default(), usize::MAX).await;
+        // A stand-in for a pod's namespace: a socket bound to its address.
+        let from = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            Origin {
+                addr: ip,
+                socket: Arc::new(move |_to: SocketAddr| {
+                    let sock = TcpSocket::new_v4()?;
+                    sock.bind(SocketAddr::new(ip, 0))?;
+                    Ok(sock)
+                }),
+            }
+        };
+        let (mut a, mut b) = (s.req.clone(), s.req.clone());
+        a.origin = Some(from("127.0.0.2"));
+        b.origin = Some(from("127.0.0.3"));
+        let _t1 = s.connector.connect(&a).await.unwrap();
+        let _t2 = s.connector.connect(&a).await.unwrap();
+        let _t3 = s.connector.connect(&b).await.unwrap();
+        let peers: Vec<IpAddr> = s.peers.lock().unwrap().iter().map(|p| p.ip()).collect();
+        assert_eq!(
+            peers,
+            [
+                "127.0.0.2".parse::<IpAddr>().unwrap(),
+                "127.0.0.3".parse().unwrap()
+            ],
+            "one connection per origin, each from the origin's address"
+        );
+    }
+
     #[tokio::test]
     async fn a_long_lived_connection_carries_many_small_tunnels() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
