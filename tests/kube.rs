@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use mesh_core::identity::caservice::RemoteCa;
 use node_agent::orig_dst::ExplicitMappings;
 use node_agent::{AgentConfig, AgentHandle, CaSource, KubeSource};
-use sluice_tests::kube::{for_api_server_1_20, helm_binary, kube_available, KubeApi};
+use sluice_tests::kube::{for_api_server_1_20, helm, kube_available, KubeApi};
 use sluice_tests::*;
 use tokio::net::TcpSocket;
 
@@ -508,12 +508,16 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
     ] {
         assert!(can("watch", what), "agent cannot watch {what}");
     }
+    // Its own DaemonSet (to tell an uninstall from a restart), only there.
+    assert!(may("sluice-agent", "watch", "daemonsets", "sluice-system"));
+    assert!(!may("sluice-agent", "watch", "daemonsets", "default"));
     for (verb, what) in [
         ("get", "secrets"),
         ("create", "pods"),
         ("delete", "pods"),
         ("update", "authorizationpolicies.security.istio.io"),
         ("list", "configmaps"),
+        ("delete", "daemonsets"),
     ] {
         assert!(
             !can(verb, what),
@@ -531,6 +535,16 @@ async fn deploy_manifests_apply_and_grant_only_what_is_needed() {
     let c = &pod["containers"][0];
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], 15021);
+    // Alive is not ready: a CA outage must not restart the agent.
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz/live");
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    // Only the init container that mounts the host's bpffs is privileged.
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["securityContext"]["privileged"], true);
+    assert_eq!(
+        init["volumeMounts"][0]["mountPropagation"], "Bidirectional",
+        "bpffs must be mounted where the host sees it"
+    );
     assert!(c["resources"]["requests"]["cpu"].is_string());
     let caps = &c["securityContext"]["capabilities"];
     assert_eq!(caps["drop"], serde_json::json!(["ALL"]));
@@ -958,19 +972,7 @@ async fn the_helm_chart_renders_what_the_manifests_promise() {
     }
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let chart = format!("{root}/deploy/helm/sluice");
-    let helm = |args: &[&str]| {
-        let out = std::process::Command::new(helm_binary())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "helm {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let helm = |args: &[&str]| helm(None, args);
     helm(&["lint", "--strict", &chart]);
     let render = |extra: &[&str]| {
         let mut args = vec!["template", "sluice", chart.as_str(), "-n", "sluice-system"];
@@ -1014,7 +1016,13 @@ async fn the_helm_chart_renders_what_the_manifests_promise() {
         &ds["spec"]["template"]["spec"],
         &plain["spec"]["template"]["spec"],
     );
-    for key in ["hostPID", "tolerations", "volumes", "serviceAccountName"] {
+    for key in [
+        "hostPID",
+        "tolerations",
+        "volumes",
+        "serviceAccountName",
+        "nodeSelector",
+    ] {
         assert_eq!(
             pod[key], plain_pod[key],
             "{key} differs from the plain manifest"
@@ -1024,6 +1032,13 @@ async fn the_helm_chart_renders_what_the_manifests_promise() {
         ds["spec"]["updateStrategy"], plain["spec"]["updateStrategy"],
         "the update strategy differs from the plain manifest"
     );
+    let (i, pi) = (&pod["initContainers"][0], &plain_pod["initContainers"][0]);
+    for key in ["name", "args", "securityContext", "volumeMounts"] {
+        assert_eq!(
+            i[key], pi[key],
+            "init container {key} differs from the plain manifest"
+        );
+    }
     let (c, pc) = (&pod["containers"][0], &plain_pod["containers"][0]);
     for key in [
         "securityContext",

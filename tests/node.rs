@@ -1,13 +1,19 @@
 //! Sluice on real nodes: a control plane and two kubelets with containerd
 //! and CNI on this machine ([`sluice_tests::cluster`]), Sluice installed as
-//! a user would (`deploy/`), workloads created by the kubelet.
+//! a user would (`kubectl apply -f deploy/manifests`, then `helm install`
+//! of `deploy/helm/sluice`), workloads created by the kubelet.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use sluice_tests::cluster::{build_sluice_image, cluster_available, Cluster};
-use sluice_tests::kube::for_api_server_1_20;
+use sluice_tests::kube::{for_api_server_1_20, helm};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+/// How long Sluice may take to become Ready after an install.
+const READY: Duration = Duration::from_secs(60);
+/// The CA's Service IP in the Helm install (in the cluster's 10.96.0.0/24).
+const HELM_CA_IP: &str = "10.96.0.53";
 
 /// `deploy/manifests/<file>` as this cluster takes it: rendered for the
 /// v1.20 API server (no DaemonSet surge), and with the CA addressed by its
@@ -44,83 +50,384 @@ fn ready(c: &Cluster, kind: &str, ns: &str, name: &str) -> bool {
         "daemonset" => "{.status.numberReady}/{.status.desiredNumberScheduled}",
         _ => "{.status.readyReplicas}/{.spec.replicas}",
     };
-    let out = c.kubectl_out(&[
+    let out = get(c, kind, ns, name, field);
+    let (a, b) = out.split_once('/').unwrap_or(("", "x"));
+    !a.is_empty() && a == b && a != "0"
+}
+
+/// `kubectl get <kind> <name> -n <ns>`, one JSONPath of it ("" on failure).
+fn get(c: &Cluster, kind: &str, ns: &str, name: &str, jsonpath: &str) -> String {
+    c.kubectl_out(&[
         "get",
         kind,
         name,
         "-n",
         ns,
         "-o",
-        &format!("jsonpath={field}"),
-    ]);
-    let (a, b) = out.split_once('/').unwrap_or(("", "x"));
-    !a.is_empty() && a == b && a != "0"
+        &format!("jsonpath={jsonpath}"),
+    ])
 }
 
-#[test]
-fn sluice_runs_on_real_kubelets() {
-    if !cluster_available() {
-        return;
-    }
-    let c = Cluster::start();
-    let ebpf = std::env::var("SLUICE_EBPF_OBJECT")
-        .unwrap_or_else(|_| format!("{DEPLOY}/../target/ebpf/sluice-ebpf.o"));
-    let image = build_sluice_image(&c.dir.0, std::path::Path::new(&ebpf));
-    c.import_image(&image);
-    c.kubectl(&["apply", "-f", &format!("{DEPLOY}/crds")]);
-    for f in ["00-namespace.yaml", "10-rbac.yaml", "15-ca.yaml"] {
-        c.apply(&manifest(f, None));
-    }
-    let ca_ip = c.kubectl_out(&[
+/// A JSONPath over the agent pods.
+fn agent_pods(c: &Cluster, jsonpath: &str) -> String {
+    c.kubectl_out(&[
         "get",
-        "service",
-        "sluice-ca",
+        "pods",
         "-n",
         "sluice-system",
+        "-l",
+        "app.kubernetes.io/name=sluice-agent",
         "-o",
-        "jsonpath={.spec.clusterIP}",
-    ]);
-    let dump = |c: &Cluster| {
-        format!(
-            "{}\n{}\n{}",
-            c.kubectl_out(&["get", "pods", "-A", "-o", "wide"]),
-            c.kubectl_out(&["describe", "pods", "-n", "sluice-system"]),
-            c.kubectl_out(&[
-                "logs",
-                "-n",
-                "sluice-system",
-                "-l",
-                "app.kubernetes.io/part-of=sluice",
-                "--tail=30",
-                "--all-containers"
-            ])
-        )
-    };
-    let limit = Duration::from_secs(60);
-    let deadline = std::time::Instant::now() + limit;
-    while !ready(&c, "deployment", "sluice-system", "sluice-ca") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "CA not ready:\n{}",
-            dump(&c)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    c.apply(&manifest("20-agent-daemonset.yaml", Some(&ca_ip)));
-    let deadline = std::time::Instant::now() + limit;
-    while !ready(&c, "daemonset", "sluice-system", "sluice-agent") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agents not ready:\n{}",
-            dump(&c)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        &format!("jsonpath={jsonpath}"),
+    ])
+}
 
-    // A namespace enrolled by label: its pods, created by the kubelet, are
-    // captured; traffic between them goes over HBONE.
+fn no_agents(c: &Cluster) -> bool {
+    agent_pods(c, "{.items[*].metadata.name}").trim().is_empty()
+}
+
+/// A command in the shop's client pod: its standard output ("" on failure).
+fn in_client(c: &Cluster, args: &[&str]) -> String {
+    let mut all = vec!["exec", "-n", "shop", "client", "--"];
+    all.extend_from_slice(args);
+    c.kubectl_out(&all)
+}
+
+/// What the test looks at when something fails.
+fn dump(c: &Cluster) -> String {
+    format!(
+        "{}\n{}\n{}",
+        c.kubectl_out(&["get", "pods", "-A", "-o", "wide"]),
+        c.kubectl_out(&["describe", "pods", "-n", "sluice-system"]),
+        c.kubectl_out(&[
+            "logs",
+            "-n",
+            "sluice-system",
+            "-l",
+            "app.kubernetes.io/part-of=sluice",
+            "--tail=30",
+            "--all-containers"
+        ])
+    )
+}
+
+/// For debugging a failure on the live cluster: with
+/// `SLUICE_TEST_HOLD=<file>`, a failed wait creates the file and keeps the
+/// cluster up (at most 30 minutes) until the file is removed.
+fn hold(c: &Cluster, what: &str) {
+    let Ok(file) = std::env::var("SLUICE_TEST_HOLD") else {
+        return;
+    };
+    std::fs::write(&file, format!("{what}\n")).unwrap();
+    eprintln!(
+        "{what}: failed; cluster held until {file} is removed (KUBECONFIG={})",
+        c.kubeconfig.display()
+    );
+    let until = Instant::now() + Duration::from_secs(1800);
+    while Path::new(&file).exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Poll `ok` every half second until it holds; fail with the cluster's
+/// state after `limit`.
+fn wait(c: &Cluster, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        if Instant::now() >= deadline {
+            hold(c, what);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}\n{}",
+            dump(c)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn sluice_ready(c: &Cluster) {
+    wait(c, "CA ready", READY, || {
+        ready(c, "deployment", "sluice-system", "sluice-ca")
+    });
+    wait(c, "agents ready", READY, || {
+        ready(c, "daemonset", "sluice-system", "sluice-agent")
+    });
+}
+
+fn agent_logs(c: &Cluster) -> String {
+    c.kubectl_out(&[
+        "logs",
+        "-n",
+        "sluice-system",
+        "-l",
+        "app.kubernetes.io/name=sluice-agent",
+        "--tail=-1",
+    ])
+}
+
+fn pod_ip(c: &Cluster, ns: &str, pod: &str) -> String {
+    get(c, "pod", ns, pod, "{.status.podIP}")
+}
+
+/// `wget` from `ns/from` to shop's pod `to`, port 8080: the body, or ""
+/// on failure.
+fn fetch(c: &Cluster, ns: &str, from: &str, to: &str) -> String {
+    fetch_ip(c, ns, from, &pod_ip(c, "shop", to))
+}
+
+fn fetch_ip(c: &Cluster, ns: &str, from: &str, ip: &str) -> String {
+    let url = format!("http://{ip}:8080/");
+    // (busybox's `wget -T` crashes: `timeout` bounds it instead.)
+    c.kubectl_out(&[
+        "exec", "-n", ns, from, "--", "timeout", "5", "wget", "-qO-", &url,
+    ])
+}
+
+const HELLO: &str = "hello from busybox httpd\n";
+
+/// Restart counts of every container in `ns`.
+fn restarts(c: &Cluster, ns: &str) -> Vec<String> {
+    c.kubectl_out(&[
+        "get",
+        "pods",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
+    ])
+    .split_whitespace()
+    .map(str::to_string)
+    .collect()
+}
+
+/// Whether every container of the shop's servers is Ready.
+fn servers_ready(c: &Cluster) -> bool {
+    ["server-a", "server-b"].iter().all(|p| {
+        get(c, "pod", "shop", p, "{.status.containerStatuses[*].ready}")
+            .split_whitespace()
+            .all(|r| r == "true")
+    })
+}
+
+/// Traffic from `client` to `server` crosses the agents as HBONE, with
+/// both SPIFFE identities in the source agent's log and the client pod's
+/// address at the destination's.
+fn tunnelled(c: &Cluster, server: &str) -> bool {
+    let logs = agent_logs(c);
+    let client_ip = pod_ip(c, "shop", "client");
+    let out = logs.lines().any(|l| {
+        l.contains("\"direction\":\"outbound\"")
+            && l.contains(&format!("\"dst.workload\":\"shop/{server}\""))
+            && l.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/client\"")
+            && l.contains("\"dst.identity\":\"spiffe://cluster.local/ns/shop/sa/server\"")
+            && l.contains("\"mtls\":true")
+    });
+    let inbound = logs.lines().any(|l| {
+        l.contains("\"direction\":\"inbound\"")
+            && l.contains(&format!("\"dst.workload\":\"shop/{server}\""))
+            && l.contains(&format!("\"src.addr\":\"{client_ip}:"))
+            && l.contains("\"mtls\":true")
+    });
+    out && inbound
+}
+
+/// The shop's pods reach each other over HBONE, same-node and cross-node.
+fn shop_over_hbone(c: &Cluster) {
+    for server in ["server-b", "server-a"] {
+        wait(c, &format!("{server} over HBONE"), READY, || {
+            fetch(c, "shop", "client", server) == HELLO && tunnelled(c, server)
+        });
+    }
+}
+
+/// The node's pins: present while Sluice is installed, even with its
+/// agents away; gone after an uninstall.
+fn pins(node: &str) -> bool {
+    Path::new("/sys/fs/bpf/sluice").join(node).exists()
+}
+
+/// After an uninstall that began at `start`: no agent left, no pin left
+/// on either node, and the shop's pods talk directly — with no agent on the
+/// node, a capture left behind would black-hole them — within 30 s.
+fn uninstalled(c: &Cluster, how: &str, start: Instant) {
+    wait(c, &format!("{how}: agents gone"), READY, || no_agents(c));
+    let gone = start.elapsed();
+    let left = Duration::from_secs(30).saturating_sub(gone);
+    wait(c, &format!("{how}: pods talk directly"), left, || {
+        fetch(c, "shop", "client", "server-b") == HELLO
+            && fetch(c, "shop", "client", "server-a") == HELLO
+    });
+    eprintln!(
+        "{how}: agents gone after {gone:?}, pods talk directly after {:?}",
+        start.elapsed()
+    );
+    assert!(
+        !pins("node-a") && !pins("node-b"),
+        "{how}: pins left behind"
+    );
+}
+
+/// Point 4: the chart's waypoint for the shop, a pod with its own identity from
+/// the CA (kubelet-projected token): a Service using it and an HTTPRoute
+/// applied with kubectl, which only the waypoint can apply (a path
+/// rewrite: without it the server answers 404).
+fn waypoint_routes(c: &Cluster) {
+    wait(c, "waypoint ready", READY, || {
+        ready(c, "deployment", "shop", "waypoint")
+    });
     c.apply(
         r#"apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: server, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: server, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /via-waypoint}}]
+      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+      backendRefs: [{name: server, port: 80}]
+"#,
+    );
+    let vip = get(c, "service", "shop", "server", "{.spec.clusterIP}");
+    let url = format!("http://{vip}/via-waypoint");
+    wait(c, "routed by the waypoint", READY, || {
+        in_client(c, &["timeout", "5", "wget", "-qO-", &url]) == HELLO
+    });
+    let logs = agent_logs(c);
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("\"direction\":\"outbound\"")
+                && l.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/client\"")
+                && l.contains("\"dst.identity\":\"spiffe://cluster.local/ns/shop/sa/waypoint\"")),
+        "no tunnel to the waypoint's identity:\n{logs}"
+    );
+}
+
+/// `helm upgrade` to a new image tag under traffic; see the caller.
+fn rollout(c: &Cluster, helm: &dyn Fn(&[&str])) {
+    c.tag_image(
+        "ghcr.io/sluice-mesh/sluice:0.1.0",
+        "ghcr.io/sluice-mesh/sluice:0.1.1",
+    );
+    let url = format!("http://{}:8080/", pod_ip(c, "shop", "server-b"));
+    // New connections from the client, one every 0.2 s, each line the
+    // outcome and the pod's uptime.
+    // (In the foreground of an exec of its own: a process left in the
+    // background of an exec does not outlive it.)
+    let probe = format!(
+        "rm -f /tmp/stop /tmp/probe.log; while [ ! -e /tmp/stop ]; do \
+         if timeout 2 wget -qO- {url} >/dev/null 2>&1; then r=ok; else r=fail; fi; \
+         echo \"$r $(cut -d' ' -f1 /proc/uptime)\" >> /tmp/probe.log; sleep 0.2; done"
+    );
+    let kubeconfig = c.kubeconfig.clone();
+    let prober = std::thread::spawn(move || {
+        std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["exec", "-n", "shop", "client", "--", "sh", "-c", &probe])
+            .output()
+    });
+    wait(c, "new connections measured", READY, || {
+        in_client(c, &["cat", "/tmp/probe.log"])
+            .lines()
+            .filter(|l| l.starts_with("ok "))
+            .count()
+            >= 3
+    });
+    // An established connection (an echo on server-b) spanning the
+    // client-side agent's replacement.
+    let echo_ip = pod_ip(c, "shop", "server-b");
+    let kubeconfig = c.kubeconfig.clone();
+    let established = std::thread::spawn(move || {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["exec", "-n", "shop", "client", "--", "sh", "-c"])
+            .arg(format!(
+                "(echo first; sleep 10; echo second; sleep 2) | timeout 20 nc {echo_ip} 9000"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let began = Instant::now();
+    helm(&[
+        "upgrade",
+        "sluice",
+        &format!("{DEPLOY}/helm/sluice"),
+        "-n",
+        "sluice-system",
+        "--reuse-values",
+        "--set",
+        "image.tag=0.1.1",
+    ]);
+    wait(c, "rollout done", Duration::from_secs(180), || {
+        let images = agent_pods(c, "{.items[*].spec.containers[0].image}");
+        images.split_whitespace().count() == 2
+            && images.split_whitespace().all(|i| i.ends_with(":0.1.1"))
+            && ready(c, "daemonset", "sluice-system", "sluice-agent")
+    });
+    let took = began.elapsed();
+    assert_eq!(
+        established.join().unwrap(),
+        "first\nsecond\n",
+        "an established connection was cut by the rollout"
+    );
+    wait(c, "new connections after the rollout", READY, || {
+        in_client(c, &["tail", "-n", "1", "/tmp/probe.log"]).starts_with("ok ")
+    });
+    in_client(c, &["touch", "/tmp/stop"]);
+    let _ = prober.join();
+    let log = in_client(c, &["cat", "/tmp/probe.log"]);
+    let (windows, fails) = refusal_windows(&log);
+    eprintln!(
+        "rollout: {took:?} for both nodes; {fails} new connections failed; windows without a new connection (s): {windows:?}"
+    );
+}
+
+/// From the probe log (`ok|fail <uptime>` lines): each stretch of failures
+/// as the time from the last success before it to the first after it, and
+/// how many attempts failed.
+fn refusal_windows(log: &str) -> (Vec<f64>, usize) {
+    let mut windows = vec![];
+    let mut last_ok: Option<f64> = None;
+    let mut failing = false;
+    let mut fails = 0;
+    for line in log.lines() {
+        let Some((r, t)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(t) = t.trim().parse::<f64>() else {
+            continue;
+        };
+        match r {
+            "ok" => {
+                if failing {
+                    if let Some(ok) = last_ok {
+                        windows.push(((t - ok) * 10.0).round() / 10.0);
+                    }
+                    failing = false;
+                }
+                last_ok = Some(t);
+            }
+            _ => {
+                fails += 1;
+                failing = true;
+            }
+        }
+    }
+    (windows, fails)
+}
+
+const SHOP: &str = r#"apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
 ---
@@ -142,6 +449,19 @@ spec:
   containers: [{name: c, image: localhost/busybox:1, imagePullPolicy: Never, command: [sleep, "3600"]}]
 ---
 apiVersion: v1
+kind: ServiceAccount
+metadata: {name: other, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: shop, labels: {app: other}}
+spec:
+  nodeName: node-a
+  serviceAccountName: other
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: localhost/busybox:1, imagePullPolicy: Never, command: [sleep, "3600"]}]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: server-b, namespace: shop, labels: {app: server}}
 spec:
@@ -149,7 +469,15 @@ spec:
   serviceAccountName: server
   terminationGracePeriodSeconds: 1
   containers:
-    - {name: c, image: localhost/busybox:1, imagePullPolicy: Never, readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2}}
+    - name: c
+      image: localhost/busybox:1
+      imagePullPolicy: Never
+      readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2}
+      livenessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2, failureThreshold: 3}
+    - name: echo
+      image: localhost/busybox:1
+      imagePullPolicy: Never
+      command: [nc, -ll, -p, "9000", -e, cat]
 ---
 apiVersion: v1
 kind: Pod
@@ -159,86 +487,197 @@ spec:
   serviceAccountName: server
   terminationGracePeriodSeconds: 1
   containers:
-    - {name: c, image: localhost/busybox:1, imagePullPolicy: Never, readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2}}
-"#,
-    );
-    for pod in ["client", "server-a", "server-b"] {
-        let deadline = std::time::Instant::now() + limit;
-        while c.kubectl_out(&[
-            "get",
-            "pod",
-            pod,
-            "-n",
-            "shop",
-            "-o",
-            "jsonpath={.status.phase}",
-        ]) != "Running"
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{pod} not running:\n{}",
-                dump(&c)
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+    - name: c
+      image: localhost/busybox:1
+      imagePullPolicy: Never
+      readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2}
+      livenessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2, failureThreshold: 3}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: outside}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: outside}
+spec:
+  nodeName: node-b
+  terminationGracePeriodSeconds: 1
+  containers:
+    - {name: c, image: localhost/busybox:1, imagePullPolicy: Never, command: [httpd, -f, -vv, -p, "8080", -h, /www]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: outside}
+spec:
+  nodeName: node-a
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: localhost/busybox:1, imagePullPolicy: Never, command: [sleep, "3600"]}]
+"#;
+
+/// Only mTLS, and only the client's identity, may reach the servers.
+const LOCKED_DOWN: &str = r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: servers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  # The waypoint (below) forwards with its own identity, as in Istio.
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client, cluster.local/ns/shop/sa/waypoint]}}]}]
+"#;
+
+#[test]
+fn sluice_runs_on_real_kubelets() {
+    if !cluster_available() {
+        return;
     }
-    let ip = |pod: &str| {
-        c.kubectl_out(&[
-            "get",
-            "pod",
-            pod,
-            "-n",
-            "shop",
-            "-o",
-            "jsonpath={.status.podIP}",
-        ])
-    };
-    let agent_logs = |c: &Cluster| {
-        c.kubectl_out(&[
-            "logs",
-            "-n",
-            "sluice-system",
-            "-l",
-            "app.kubernetes.io/name=sluice-agent",
-            "--tail=-1",
-        ])
-    };
-    let fetch = |server: &str| {
-        let url = format!("http://{}:8080/", ip(server));
-        c.kubectl_out(&["exec", "-n", "shop", "client", "--", "wget", "-qO-", &url])
-    };
-    // Cross-node (server-b) and same-node (server-a), over HBONE with
-    // both identities, once the agents have enrolled the pods and hold
-    // their certificates.
-    for server in ["server-b", "server-a"] {
-        let deadline = std::time::Instant::now() + limit;
-        while fetch(server) != "hello from busybox httpd\n" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{server} unreachable:\n{}",
-                dump(&c)
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let logs = agent_logs(&c);
-        let tunnelled = logs.lines().any(|l| {
-            l.contains("\"direction\":\"outbound\"")
-                && l.contains(&format!("\"dst.workload\":\"shop/{server}\""))
-                && l.contains("\"src.identity\":\"spiffe://cluster.local/ns/shop/sa/client\"")
-                && l.contains("\"dst.identity\":\"spiffe://cluster.local/ns/shop/sa/server\"")
-                && l.contains("\"mtls\":true")
+    let c = Cluster::start();
+    let ebpf = std::env::var("SLUICE_EBPF_OBJECT")
+        .unwrap_or_else(|_| format!("{DEPLOY}/../target/ebpf/sluice-ebpf.o"));
+    let image = build_sluice_image(&c.dir.0, Path::new(&ebpf));
+    c.import_image(&image);
+
+    // 1. `kubectl apply -f deploy/manifests`: Ready within 60 s.
+    c.kubectl(&["apply", "-f", &format!("{DEPLOY}/crds")]);
+    for f in ["00-namespace.yaml", "10-rbac.yaml", "15-ca.yaml"] {
+        c.apply(&manifest(f, None));
+    }
+    let ca_ip = get(
+        &c,
+        "service",
+        "sluice-system",
+        "sluice-ca",
+        "{.spec.clusterIP}",
+    );
+    let agent_manifest = manifest("20-agent-daemonset.yaml", Some(&ca_ip));
+    c.apply(&agent_manifest);
+    sluice_ready(&c);
+
+    // 2. A namespace enrolled by label: its pods, created by the kubelet,
+    // are captured; traffic between them goes over HBONE.
+    c.apply(SHOP);
+    for (ns, pod) in [
+        ("shop", "client"),
+        ("shop", "server-a"),
+        ("shop", "server-b"),
+        ("shop", "other"),
+        ("outside", "outsider"),
+        ("outside", "web"),
+    ] {
+        wait(&c, &format!("{pod} running"), READY, || {
+            get(&c, "pod", ns, pod, "{.status.phase}") == "Running"
         });
-        let received = logs.lines().any(|l| {
-            l.contains("\"direction\":\"inbound\"")
-                && l.contains(&format!("\"dst.workload\":\"shop/{server}\""))
-                && l.contains(&format!("\"src.addr\":\"{}:", ip("client")))
-                && l.contains("\"mtls\":true")
-        });
+    }
+    shop_over_hbone(&c);
+    // A destination outside the mesh gets plaintext (passthrough), dialled
+    // from inside the client pod's namespace: it sees the pod, not the
+    // agent.
+    let web = pod_ip(&c, "outside", "web");
+    assert_eq!(fetch_ip(&c, "shop", "client", &web), HELLO);
+    let client_ip = pod_ip(&c, "shop", "client");
+    let seen = c.kubectl_out(&["logs", "-n", "outside", "web"]);
+    assert!(
+        // (httpd logs `[::ffff:a.b.c.d]:port: ...` for IPv4 peers)
+        seen.lines()
+            .any(|l| l.starts_with(&format!("[::ffff:{client_ip}]:"))
+                || l.starts_with(&format!("{client_ip}:"))),
+        "the passthrough destination did not see the client pod ({client_ip}):\n{seen}"
+    );
+    assert!(
+        agent_logs(&c).contains("\"direction\":\"passthrough\""),
+        "not a passthrough"
+    );
+    assert_eq!(
+        fetch(&c, "outside", "outsider", "server-b"),
+        HELLO,
+        "plaintext from outside the mesh is accepted (PERMISSIVE)"
+    );
+
+    // 3. STRICT mTLS and a principal-only ALLOW: the client still gets
+    // through, plaintext from outside the mesh does not, and the kubelet's
+    // probes — from the node itself — reach the servers directly: they
+    // stay Ready, nothing restarts, and no probe shows up at an agent.
+    c.apply(LOCKED_DOWN);
+    wait(&c, "STRICT enforced", Duration::from_secs(20), || {
+        fetch(&c, "outside", "outsider", "server-b").is_empty()
+    });
+    assert_eq!(fetch(&c, "shop", "client", "server-b"), HELLO);
+    // 4. Another identity of the same namespace, over mTLS too, is denied
+    // by the policy applied with kubectl.
+    assert!(
+        fetch(&c, "shop", "other", "server-b").is_empty(),
+        "the ALLOW policy let another identity through"
+    );
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        assert!(servers_ready(&c), "probes fail under STRICT\n{}", dump(&c));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let logs = agent_logs(&c);
+    for gateway in ["10.244.1.1", "10.244.2.1"] {
         assert!(
-            tunnelled && received,
-            "{server}: no HBONE in the agents' access logs:\n{logs}"
+            !logs.contains(&format!("\"src.addr\":\"{gateway}:")),
+            "a probe from the node ({gateway}) went through an agent:\n{logs}"
         );
     }
+
+    // The agents away for 90 s (a nodeSelector no node matches): enrolled
+    // pods fail closed, the capture stays pinned, probes still pass and no
+    // app container restarts.
+    c.kubectl(&[
+        "patch",
+        "daemonset",
+        "sluice-agent",
+        "-n",
+        "sluice-system",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"nodeSelector":{"sluice.dev/test-no-agent":"true"}}}}}"#,
+    ]);
+    wait(&c, "agents gone", READY, || no_agents(&c));
+    let away = Instant::now();
+    assert!(
+        fetch(&c, "shop", "client", "server-b").is_empty(),
+        "traffic left an enrolled pod with no agent on the node"
+    );
+    assert!(
+        pins("node-a") && pins("node-b"),
+        "capture removed on a mere restart"
+    );
+    while away.elapsed() < Duration::from_secs(90) {
+        assert!(
+            servers_ready(&c),
+            "probes fail with the agents away\n{}",
+            dump(&c)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(
+        restarts(&c, "shop").iter().all(|r| r == "0"),
+        "app containers restarted with the agents away: {:?}",
+        restarts(&c, "shop")
+    );
+    c.kubectl(&[
+        "patch",
+        "daemonset",
+        "sluice-agent",
+        "-n",
+        "sluice-system",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector/sluice.dev~1test-no-agent"}]"#,
+    ]);
+    wait(&c, "agents back", READY, || {
+        ready(&c, "daemonset", "sluice-system", "sluice-agent")
+    });
+    wait(&c, "traffic back", READY, || {
+        fetch(&c, "shop", "client", "server-b") == HELLO
+    });
+
     // Removing the label stops capture, without restarting any pod.
     let outbound = |c: &Cluster| {
         agent_logs(c)
@@ -249,45 +688,99 @@ spec:
     c.kubectl(&["label", "namespace", "shop", "istio.io/dataplane-mode-"]);
     // Un-enrolled, then past the grace in which its listeners still serve
     // what was redirected just before: connections go direct.
-    let deadline = std::time::Instant::now() + limit;
-    while agent_logs(&c)
-        .matches("drain period over; listeners closed")
-        .count()
-        < 3
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never un-enrolled:\n{}",
-            dump(&c)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait(&c, "un-enrolled", READY, || {
+        agent_logs(&c)
+            .matches("drain period over; listeners closed")
+            .count()
+            >= 3
+    });
     let before = outbound(&c);
-    assert_eq!(fetch("server-b"), "hello from busybox httpd\n");
+    assert_eq!(fetch(&c, "shop", "client", "server-b"), HELLO);
     assert_eq!(outbound(&c), before, "still captured after the label went");
-    let restarts = c.kubectl_out(&[
-        "get",
-        "pods",
-        "-n",
+    c.kubectl(&[
+        "label",
+        "namespace",
         "shop",
-        "-o",
-        "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
+        "istio.io/dataplane-mode=ambient",
     ]);
+    wait(&c, "enrolled again", READY, || {
+        fetch(&c, "shop", "client", "server-b") == HELLO && outbound(&c) > before
+    });
     assert!(
-        restarts.split_whitespace().all(|r| r == "0"),
-        "restarts: {restarts}"
+        restarts(&c, "shop").iter().all(|r| r == "0"),
+        "restarts: {:?}",
+        restarts(&c, "shop")
     );
-    let restarts = c.kubectl_out(&[
-        "get",
-        "pods",
-        "-n",
-        "sluice-system",
-        "-o",
-        "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
-    ]);
     assert!(
-        restarts.split_whitespace().all(|r| r == "0"),
-        "Sluice restarted: {restarts}\n{}",
+        restarts(&c, "sluice-system").iter().all(|r| r == "0"),
+        "Sluice restarted: {:?}\n{}",
+        restarts(&c, "sluice-system"),
         dump(&c)
     );
+
+    // 6. `kubectl delete -f deploy/manifests` removes the capture from
+    // every node; the pods talk directly again.
+    let rendered = c.dir.0.join("uninstall");
+    std::fs::create_dir_all(&rendered).unwrap();
+    for f in ["00-namespace.yaml", "10-rbac.yaml", "15-ca.yaml"] {
+        std::fs::write(rendered.join(f), manifest(f, None)).unwrap();
+    }
+    std::fs::write(rendered.join("20-agent-daemonset.yaml"), &agent_manifest).unwrap();
+    let start = Instant::now();
+    c.kubectl(&["delete", "--wait=false", "-f", rendered.to_str().unwrap()]);
+    uninstalled(&c, "kubectl delete", start);
+    wait(
+        &c,
+        "sluice-system deleted",
+        Duration::from_secs(120),
+        || !c.kubectl_ok(&["get", "namespace", "sluice-system"]),
+    );
+
+    // The same with `helm install` / `helm uninstall` of the chart.
+    let helm = |args: &[&str]| {
+        helm(Some(&c.kubeconfig), args);
+    };
+    let ca = format!("ca.address={HELM_CA_IP}:15012");
+    let ca_ip = format!("ca.clusterIP={HELM_CA_IP}");
+    helm(&[
+        "install",
+        "sluice",
+        &format!("{DEPLOY}/helm/sluice"),
+        "-n",
+        "sluice-system",
+        "--create-namespace",
+        // The v1.20 API server has no DaemonSet surge.
+        "--set",
+        "agent.maxSurge=0",
+        "--set",
+        "agent.maxUnavailable=1",
+        "--set",
+        &ca,
+        "--set",
+        &ca_ip,
+        "--set",
+        "ca.serverName=sluice-ca.sluice-system.svc",
+        "--set",
+        "waypoints[0].namespace=shop",
+        "--set",
+        "waypoints[0].replicas=1",
+    ]);
+    sluice_ready(&c);
+    waypoint_routes(&c);
+    let before = outbound(&c);
+    wait(&c, "HBONE after helm install", READY, || {
+        fetch(&c, "shop", "client", "server-b") == HELLO && outbound(&c) > before
+    });
+    assert!(servers_ready(&c));
+
+    // 5. A rollout (a new image tag) under traffic: a connection
+    // established before it runs on through the draining agent, and the
+    // window in which new connections fail is measured (the v1.20 API
+    // server has no DaemonSet surge, so the new agent starts only after
+    // the old one is gone; with surge, the hand-over has no window).
+    rollout(&c, &helm);
+
+    let start = Instant::now();
+    helm(&["uninstall", "sluice", "-n", "sluice-system"]);
+    uninstalled(&c, "helm uninstall", start);
 }

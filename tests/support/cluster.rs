@@ -630,6 +630,18 @@ maxPods: 50
         }
     }
 
+    /// Give an imported image another name on every node (a "new
+    /// version" for rollouts, same content).
+    pub fn tag_image(&self, from: &str, to: &str) {
+        for n in &self.nodes {
+            run(Command::new("ctr")
+                .arg("-a")
+                .arg(&n.sock)
+                .args(["-n", "k8s.io", "images", "tag", "--force", from, to])
+                .stdout(Stdio::null()));
+        }
+    }
+
     fn kubectl_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("kubectl");
         c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);

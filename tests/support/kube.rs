@@ -5,7 +5,7 @@
 //! installed. Processes and data are removed when dropped, also on failure.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,23 @@ pub fn apiserver_binary() -> PathBuf {
 /// helm, fetched next to the API server by the same script.
 pub fn helm_binary() -> PathBuf {
     apiserver_binary().with_file_name("helm")
+}
+
+/// Run `helm` (against `kubeconfig` when given) and return its standard
+/// output; panics with everything it printed when it fails.
+pub fn helm(kubeconfig: Option<&Path>, args: &[&str]) -> String {
+    let mut cmd = Command::new(helm_binary());
+    if let Some(k) = kubeconfig {
+        cmd.arg("--kubeconfig").arg(k);
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Whether the API server tests can run (or, with `SLUICE_E2E_REQUIRED=1`,
@@ -171,6 +188,9 @@ impl KubeApi {
                 d.join("tokens.csv").display()
             ))
             .arg("--authorization-mode=RBAC")
+            // As on real clusters (kubeadm, kind): the DaemonSet's init
+            // container that mounts bpffs on the host is privileged.
+            .arg("--allow-privileged=true")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!(
                 "--service-account-key-file={}",
