@@ -273,7 +273,11 @@ fn uninstalled(c: &Cluster, how: &str, start: Instant) {
 /// applied with kubectl, which only the waypoint can apply (a path
 /// rewrite: without it the server answers 404).
 fn waypoint_routes(c: &Cluster) {
-    wait(c, "waypoint ready", READY, || {
+    // The shop still holds the first install's mesh root (the CA
+    // publishes the new one there, but the kubelet refreshes a mounted
+    // ConfigMap only every minute or so): a waypoint that started with the
+    // stale copy restarts once the new one shows up.
+    wait(c, "waypoint ready", Duration::from_secs(180), || {
         ready(c, "deployment", "shop", "waypoint")
     });
     c.apply(

@@ -341,6 +341,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         });
     }
     cfg.reload_interval = a.reload_interval;
+    let root = a.remote_ca.ca_root_cert.clone();
     // The agent asks for each local workload's identity on its behalf.
     cfg.ca = match (a.remote_ca.remote(true), a.ca_cert, a.ca_key) {
         (Some(remote), _, _) => CaSource::Remote(remote),
@@ -419,9 +420,22 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             None => None,
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let root_changed = async {
+            match root {
+                Some(p) => {
+                    mesh_core::identity::caservice::root_changed(p, Duration::from_secs(5)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let mut restart = false;
         let handed_over = tokio::select! {
             _ = tokio::signal::ctrl_c() => false,
             _ = term.recv() => false,
+            _ = root_changed => {
+                restart = true;
+                false
+            }
             _ = agent.handed_over() => {
                 tracing::info!("a successor took over; draining");
                 true
@@ -470,6 +484,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
+        }
+        if restart {
+            // Capture stays pinned: pods fail closed until the restart.
+            anyhow::bail!("the mesh root changed");
         }
         Ok(())
     })

@@ -107,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         });
     }
     cfg.reload_interval = cli.reload_interval;
+    let root = cli.remote_ca.ca_root_cert.clone();
     // A waypoint obtains its own identity (no impersonation).
     if let Some(remote) = cli.remote_ca.remote(false) {
         cfg.ca = CaSource::Remote(remote);
@@ -133,10 +134,19 @@ fn main() -> anyhow::Result<()> {
         let wp = waypoint::start(cfg).await?;
         tracing::info!(hbone = ?wp.hbone_addrs, admin = %wp.admin_addr, "waypoint ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let root_changed = async {
+            match root {
+                Some(p) => {
+                    mesh_core::identity::caservice::root_changed(p, ROOT_POLL).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let restart = tokio::select! {
+            _ = tokio::signal::ctrl_c() => false,
+            _ = term.recv() => false,
+            _ = root_changed => true,
+        };
         // Drain; a second signal cuts it short.
         tokio::select! {
             left = wp.drain(drain_period) => {
@@ -148,6 +158,12 @@ fn main() -> anyhow::Result<()> {
             _ = term.recv() => tracing::warn!("second signal: exiting without draining"),
         }
         drop(wp);
+        if restart {
+            anyhow::bail!("the mesh root changed");
+        }
         Ok(())
     })
 }
+
+/// How often the mounted mesh root is checked for a change.
+const ROOT_POLL: std::time::Duration = std::time::Duration::from_secs(5);

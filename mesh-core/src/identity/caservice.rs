@@ -558,6 +558,27 @@ pub struct RemoteCaArgs {
     pub ca_token_file: Option<PathBuf>,
 }
 
+/// Completes once the mesh root at `path` (a mounted ConfigMap the kubelet
+/// refreshes) no longer holds what it held when called. A proxy holds its
+/// root, its certificates and its peers' trust for its whole life, so a new
+/// root (Sluice reinstalled, a pod started with a stale copy) means a
+/// restart: the caller drains and exits, and the kubelet starts it again
+/// with the new file. Polls every `every`; a file that cannot be read
+/// counts as unchanged.
+pub async fn root_changed(path: PathBuf, every: Duration) {
+    let first = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(every).await;
+        match std::fs::read(&path) {
+            Ok(now) if first.as_ref() != Some(&now) => {
+                tracing::error!(path = %path.display(), "the mesh root changed: draining and exiting, to start again with it");
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(feature = "cli")]
 impl RemoteCaArgs {
     /// The remote CA these flags name, if any.
@@ -846,6 +867,23 @@ mod tests {
                 }
             })
         }
+    }
+
+    #[tokio::test]
+    async fn a_changed_root_file_is_noticed() {
+        let f = fixture("root-changed").await;
+        let root = f.dir.join("root.pem");
+        let watch = tokio::spawn(root_changed(root.clone(), Duration::from_millis(10)));
+        // Rewritten with the same content: not a change.
+        std::fs::write(&root, std::fs::read(&root).unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!watch.is_finished(), "an unchanged root counted as changed");
+        let other = CertificateAuthority::generate("cluster.local").unwrap();
+        std::fs::write(&root, other.root_pem()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), watch)
+            .await
+            .expect("a new root is noticed")
+            .unwrap();
     }
 
     struct Fixture {
