@@ -753,7 +753,7 @@ fn start_workload(
             for &ip in ips {
                 let out = listen(SocketAddr::new(ip, ctx.cfg.outbound_port))?;
                 let hbone = listen(SocketAddr::new(ip, ctx.cfg.hbone_port))?;
-                tasks.spawn(outbound::serve(out, ctx.clone(), ip));
+                tasks.spawn(outbound::serve(out, ctx.clone(), ip, None));
                 tasks.spawn(inbound::serve(hbone, ctx.clone()));
             }
         }
@@ -767,11 +767,17 @@ fn start_workload(
                 IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1u16]),
                 ctx.cfg.outbound_port,
             );
-            tasks.spawn(outbound::serve(listen(v4_lo)?, ctx.clone(), src_ip));
+            let origin = |ip| net.origin(ip, ctx.cfg.mark);
+            tasks.spawn(outbound::serve(
+                listen(v4_lo)?,
+                ctx.clone(),
+                src_ip,
+                origin(src_ip),
+            ));
             match listen(v6_lo) {
                 Ok(out6) => {
                     let src6 = ips.iter().copied().find(IpAddr::is_ipv6).unwrap_or(src_ip);
-                    tasks.spawn(outbound::serve(out6, ctx.clone(), src6));
+                    tasks.spawn(outbound::serve(out6, ctx.clone(), src6, origin(src6)));
                 }
                 Err(e) => tracing::debug!(error = %e, "no IPv6 outbound listener in this pod"),
             }

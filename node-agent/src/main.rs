@@ -239,6 +239,11 @@ enum Capture {
     None,
 }
 
+/// Where a node's capture is pinned unless `--bpffs-dir` says otherwise.
+fn default_pin_dir(node: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/sluice").join(node)
+}
+
 /// The cgroup2 mount: `/sys/fs/cgroup` on unified hosts, the `unified`
 /// subdirectory on hybrid ones.
 fn cgroup2_root() -> PathBuf {
@@ -295,7 +300,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { node, bpffs_dir } => {
-            let dir = bpffs_dir.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/sluice").join(&node));
+            let dir = bpffs_dir.unwrap_or_else(|| default_pin_dir(&node));
             let n = node_agent::capture::remove_pins(&dir)
                 .with_context(|| format!("removing {}", dir.display()))?;
             println!(
@@ -379,9 +384,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     if a.capture == Capture::Ebpf {
         cfg.capture = Some(node_agent::capture::CaptureConfig {
             object: a.ebpf_object,
-            pin_dir: a
-                .bpffs_dir
-                .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/sluice").join(&a.node)),
+            pin_dir: a.bpffs_dir.unwrap_or_else(|| default_pin_dir(&a.node)),
             cgroup: a.cgroup.unwrap_or_else(cgroup2_root),
             mark: cfg.mark,
             outbound_port: cfg.outbound_port,
@@ -420,14 +423,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             None => None,
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let root_changed = async {
-            match root {
-                Some(p) => {
-                    mesh_core::identity::caservice::root_changed(p, Duration::from_secs(5)).await
-                }
-                None => std::future::pending().await,
-            }
-        };
+        use mesh_core::identity::caservice::{root_changed, ROOT_POLL};
+        let root_changed = root_changed(root, ROOT_POLL);
         let mut restart = false;
         let handed_over = tokio::select! {
             _ = tokio::signal::ctrl_c() => false,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue};
 use mesh_core::hbone::splice::reset_tcp;
-use mesh_core::hbone::ConnectRequest;
+use mesh_core::hbone::{ConnectRequest, Origin};
 use mesh_core::metrics::{Peer, Reporter, TcpLabels};
 use mesh_core::model::{Destination, MeshModel, Workload};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,19 +19,27 @@ use crate::telemetry::{ConnLog, ConnTelemetry};
 use crate::Ctx;
 
 /// Accept captured connections of the workload with IP `src_ip` until
-/// aborted.
-pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, src_ip: IpAddr) {
+/// aborted. Its tunnels and passthrough connections are dialled from
+/// `origin` (inside the pod's namespace, so the destination sees the pod,
+/// as with ztunnel's in-pod mode), or from the agent's own namespace.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, src_ip: IpAddr, origin: Option<Origin>) {
     // A refused connection's capture record is taken, not left behind.
     let forget = |ctx: &Ctx, tcp: &TcpStream| {
         let _ = ctx.orig_dst.take(tcp);
     };
     crate::limits::accept_loop(listener, ctx, "outbound", forget, move |tcp, peer, ctx| {
-        handle(tcp, peer, ctx, src_ip)
+        handle(tcp, peer, ctx, src_ip, origin.clone())
     })
     .await
 }
 
-async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr) {
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+    src_ip: IpAddr,
+    origin: Option<Origin>,
+) {
     let _ = tcp.set_nodelay(true);
     let refuse = |tcp: TcpStream, reason: &'static str, detail: &dyn std::fmt::Display| {
         tracing::warn!(direction = "outbound", src = %peer, reason, %detail, "connection refused");
@@ -61,7 +69,21 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         {
             return refuse(tcp, "egress_blocked", &dst)
         }
-        Destination::External => return passthrough(tcp, peer, dst, &model, src, None, &ctx).await,
+        Destination::External => {
+            return passthrough(
+                tcp,
+                peer,
+                dst,
+                &model,
+                Client {
+                    workload: src,
+                    origin: origin.as_ref(),
+                },
+                None,
+                &ctx,
+            )
+            .await
+        }
         Destination::Service(svc, _) => (Some(svc), model.service_waypoint(svc)),
         Destination::Workload(w) => (None, model.workload_waypoint(w)),
     };
@@ -115,7 +137,19 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
     };
     if waypoint.is_none() && !model.is_enrolled(ep.workload) {
         // Istio sends plaintext to destinations that are not in the mesh.
-        return passthrough(tcp, peer, ep.addr, &model, src, Some(ep.workload), &ctx).await;
+        return passthrough(
+            tcp,
+            peer,
+            ep.addr,
+            &model,
+            Client {
+                workload: src,
+                origin: origin.as_ref(),
+            },
+            Some(ep.workload),
+            &ctx,
+        )
+        .await;
     }
     let authority = if waypoint.is_some() { dst } else { ep.addr };
     let src_id = model.identity(src);
@@ -140,7 +174,7 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
         hbone_addr: SocketAddr::new(ep.addr.ip(), ctx.cfg.hbone_port),
         authority,
         headers,
-        origin: origin(&ctx, src_ip),
+        origin: origin.clone(),
     };
     let stream = match ctx.connector.connect(&req).await {
         Ok(s) => s,
@@ -182,36 +216,26 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, src_ip: IpAddr)
     t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
 }
 
+/// The captured client: its workload, and where its connections are
+/// dialled from (see [`serve`]).
+struct Client<'a> {
+    workload: &'a Workload,
+    origin: Option<&'a Origin>,
+}
+
 /// Forward in plaintext to a destination outside the mesh.
-/// Where the pod at `src_ip` dials from: inside its own namespace, so the
-/// destination sees the pod (ztunnel's in-pod mode), not the agent.
-fn origin(ctx: &Ctx, src_ip: IpAddr) -> Option<mesh_core::hbone::Origin> {
-    ctx.pod_net(src_ip)?.origin(src_ip, ctx.cfg.mark)
-}
-
-/// The source workload's address of `dst`'s family (its first otherwise).
-fn src_ip_of(src: &Workload, dst: SocketAddr) -> IpAddr {
-    src.ips
-        .iter()
-        .copied()
-        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-        .or_else(|| src.ips.first().copied())
-        .unwrap_or(dst.ip())
-}
-
 async fn passthrough(
     tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     model: &MeshModel,
-    src: &Workload,
+    client: Client<'_>,
     dst_workload: Option<&Workload>,
     ctx: &Ctx,
 ) {
-    let from = origin(ctx, src_ip_of(src, dst));
     let upstream = match tokio::time::timeout(
         ctx.cfg.connect_timeout,
-        mesh_core::hbone::dial(from.as_ref(), dst),
+        mesh_core::hbone::dial(client.origin, dst),
     )
     .await
     {
@@ -228,6 +252,7 @@ async fn passthrough(
         }
     };
     let _ = upstream.set_nodelay(true);
+    let src = client.workload;
     let src_id = model.identity(src);
     let labels = TcpLabels::new(
         model,

@@ -23,6 +23,16 @@ pub fn cgroup_mentions_pod(cgroup: &str, uid: &str) -> bool {
     })
 }
 
+/// The PIDs under `proc_root`, lowest (oldest) first.
+fn pids(proc_root: &Path) -> Option<Vec<u32>> {
+    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    Some(pids)
+}
+
 /// The network namespace of pod `uid`: `<proc>/<pid>/ns/net` of the
 /// oldest (lowest PID, normally the sandbox) process in the pod's cgroup
 /// that is not in the node's namespace.
@@ -33,11 +43,7 @@ pub fn find_pod_netns(proc_root: &Path, uid: &str) -> Option<PathBuf> {
     }
     let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     let host = id(&proc_root.join("1/ns/net"));
-    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
+    let pids = pids(proc_root)?;
     pids.into_iter().find_map(|pid| {
         let dir = proc_root.join(pid.to_string());
         let cgroup = std::fs::read_to_string(dir.join("cgroup")).ok()?;
@@ -51,11 +57,7 @@ pub fn find_pod_netns(proc_root: &Path, uid: &str) -> Option<PathBuf> {
 /// from: the kubelet's (`comm` `kubelet`, or k3s's), else PID 1's — the
 /// first whose `ns/net` this process may open.
 pub fn find_node_netns(proc_root: &Path) -> Option<PathBuf> {
-    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
+    let pids = pids(proc_root)?;
     let kubelet = pids.into_iter().filter(|pid| {
         let comm =
             std::fs::read_to_string(proc_root.join(format!("{pid}/comm"))).unwrap_or_default();

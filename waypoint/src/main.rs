@@ -134,14 +134,8 @@ fn main() -> anyhow::Result<()> {
         let wp = waypoint::start(cfg).await?;
         tracing::info!(hbone = ?wp.hbone_addrs, admin = %wp.admin_addr, "waypoint ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let root_changed = async {
-            match root {
-                Some(p) => {
-                    mesh_core::identity::caservice::root_changed(p, ROOT_POLL).await
-                }
-                None => std::future::pending().await,
-            }
-        };
+        use mesh_core::identity::caservice::{root_changed, ROOT_POLL};
+        let root_changed = root_changed(root, ROOT_POLL);
         let restart = tokio::select! {
             _ = tokio::signal::ctrl_c() => false,
             _ = term.recv() => false,
@@ -164,6 +158,3 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })
 }
-
-/// How often the mounted mesh root is checked for a change.
-const ROOT_POLL: std::time::Duration = std::time::Duration::from_secs(5);

@@ -558,14 +558,21 @@ pub struct RemoteCaArgs {
     pub ca_token_file: Option<PathBuf>,
 }
 
+/// How often proxies check their mounted mesh root for a change.
+pub const ROOT_POLL: Duration = Duration::from_secs(5);
+
 /// Completes once the mesh root at `path` (a mounted ConfigMap the kubelet
 /// refreshes) no longer holds what it held when called. A proxy holds its
 /// root, its certificates and its peers' trust for its whole life, so a new
 /// root (Sluice reinstalled, a pod started with a stale copy) means a
 /// restart: the caller drains and exits, and the kubelet starts it again
 /// with the new file. Polls every `every`; a file that cannot be read
-/// counts as unchanged.
-pub async fn root_changed(path: PathBuf, every: Duration) {
+/// counts as unchanged, and without a file (a local root) it never
+/// completes.
+pub async fn root_changed(path: Option<PathBuf>, every: Duration) {
+    let Some(path) = path else {
+        return std::future::pending().await;
+    };
     let first = std::fs::read(&path).ok();
     loop {
         tokio::time::sleep(every).await;
@@ -873,7 +880,7 @@ mod tests {
     async fn a_changed_root_file_is_noticed() {
         let f = fixture("root-changed").await;
         let root = f.dir.join("root.pem");
-        let watch = tokio::spawn(root_changed(root.clone(), Duration::from_millis(10)));
+        let watch = tokio::spawn(root_changed(Some(root.clone()), Duration::from_millis(10)));
         // Rewritten with the same content: not a change.
         std::fs::write(&root, std::fs::read(&root).unwrap()).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
