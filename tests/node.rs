@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sluice_tests::cluster::{build_sluice_image, cluster_available, Cluster};
+use sluice_tests::cluster::{
+    build_sluice_image, cluster_available, Cluster, CNI_BIN_DIR, CNI_CONF_DIR,
+};
 use sluice_tests::kube::{for_api_server_1_20, helm};
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
@@ -23,7 +25,9 @@ const HELM_CA_IP: &str = "10.96.0.53";
 /// cluster runs no DNS server).
 fn manifest(file: &str, ca: Option<&str>) -> String {
     let text = std::fs::read_to_string(format!("{DEPLOY}/manifests/{file}")).unwrap();
-    let text = for_api_server_1_20(&text);
+    let text = for_api_server_1_20(&text)
+        .replace("path: /opt/cni/bin,", &format!("path: {CNI_BIN_DIR},"))
+        .replace("path: /etc/cni/net.d,", &format!("path: {CNI_CONF_DIR},"));
     match ca {
         Some(ip) => {
             let mut out = String::new();
@@ -289,6 +293,27 @@ fn uninstalled(c: &Cluster, how: &str, start: Instant) {
         !pins("node-a") && !pins("node-b"),
         "{how}: pins left behind"
     );
+    for node in ["node-a", "node-b"] {
+        assert!(
+            !cni_plugin_installed(c, node),
+            "{how}: the CNI plugin was left on {node}"
+        );
+    }
+}
+
+/// Whether `node`'s CNI configuration chains Sluice's plugin, checked
+/// against its binary being there too.
+fn cni_plugin_installed(c: &Cluster, node: &str) -> bool {
+    let dir = c.node_path(node, CNI_CONF_DIR);
+    let conf = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .any(|t| t.contains("\"sluice-cni\""));
+    let bin = c
+        .node_path(node, &format!("{CNI_BIN_DIR}/sluice-cni"))
+        .exists();
+    assert_eq!(conf, bin, "{node}: configuration and binary disagree");
+    conf
 }
 
 /// Point 4: the chart's waypoint for the shop, a pod with its own identity from
@@ -543,6 +568,17 @@ spec:
 "#;
 
 /// Only mTLS, and only the client's identity, may reach the servers.
+/// A pod of the mesh created while no agent runs on its node.
+const LATE: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: shop, labels: {app: late}}
+spec:
+  nodeName: node-a
+  serviceAccountName: server
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: localhost/busybox:1, imagePullPolicy: Never}]
+"#;
+
 const LOCKED_DOWN: &str = r#"apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: strict, namespace: shop}
@@ -584,6 +620,11 @@ fn sluice_runs_on_real_kubelets() {
     let agent_manifest = manifest("20-agent-daemonset.yaml", Some(&ca_ip));
     c.apply(&agent_manifest);
     sluice_ready(&c);
+    for node in ["node-a", "node-b"] {
+        wait(&c, &format!("CNI plugin on {node}"), READY, || {
+            cni_plugin_installed(&c, node)
+        });
+    }
 
     // 2. A namespace enrolled by label: its pods, created by the kubelet,
     // are captured; traffic between them goes over HBONE.
@@ -675,14 +716,35 @@ fn sluice_runs_on_real_kubelets() {
         pins("node-a") && pins("node-b"),
         "capture removed on a mere restart"
     );
+    // 5. A pod of the mesh created now waits for its agent (the CNI
+    // plugin holds its sandbox back): never up, so never reachable in
+    // plaintext.
+    c.apply(LATE);
     while away.elapsed() < Duration::from_secs(90) {
         assert!(
             servers_ready(&c),
             "probes fail with the agents away\n{}",
             dump(&c)
         );
+        assert_eq!(
+            get(&c, "pod", "shop", "late", "{.status.podIP}"),
+            "",
+            "a pod of the mesh got a network with no agent on its node"
+        );
         std::thread::sleep(Duration::from_secs(2));
     }
+    let held = c.kubectl_out(&[
+        "get",
+        "events",
+        "-n",
+        "shop",
+        "--field-selector",
+        "involvedObject.name=late",
+    ]);
+    assert!(
+        held.contains("sluice-cni"),
+        "the late pod was not held back by the plugin:\n{held}"
+    );
     assert!(
         restarts(&c, "shop").iter().all(|r| r == "0"),
         "app containers restarted with the agents away: {:?}",
@@ -704,6 +766,27 @@ fn sluice_runs_on_real_kubelets() {
     wait(&c, "traffic back", READY, || {
         fetch(&c, "shop", "client", "server-b") == HELLO
     });
+    // The late pod starts once its agent is back (the kubelet retries the
+    // sandbox with a back-off), captured before its first container: the
+    // agent enrolled it from the namespace the plugin handed over, and
+    // plaintext from outside the mesh is refused from the start.
+    wait(&c, "late pod running", Duration::from_secs(150), || {
+        get(&c, "pod", "shop", "late", "{.status.phase}") == "Running"
+    });
+    assert!(
+        agent_logs(&c)
+            .lines()
+            .any(|l| l.contains("captured before its containers start")
+                && l.contains("\"pod\":\"late\"")),
+        "the late pod was not captured through the CNI plugin"
+    );
+    wait(&c, "late pod over HBONE", READY, || {
+        fetch(&c, "shop", "client", "late") == HELLO
+    });
+    assert!(
+        fetch(&c, "outside", "outsider", "late").is_empty(),
+        "the late pod answered plaintext from outside the mesh"
+    );
 
     // Removing the label stops capture, without restarting any pod.
     let outbound = |c: &Cluster| {
@@ -769,6 +852,10 @@ fn sluice_runs_on_real_kubelets() {
     };
     let ca = format!("ca.address={HELM_CA_IP}:15012");
     let ca_ip = format!("ca.clusterIP={HELM_CA_IP}");
+    let (cni_bin, cni_conf) = (
+        format!("cni.binDir={CNI_BIN_DIR}"),
+        format!("cni.confDir={CNI_CONF_DIR}"),
+    );
     helm(&[
         "install",
         "sluice",
@@ -791,6 +878,10 @@ fn sluice_runs_on_real_kubelets() {
         "waypoints[0].namespace=shop",
         "--set",
         "waypoints[0].replicas=1",
+        "--set",
+        &cni_bin,
+        "--set",
+        &cni_conf,
     ]);
     sluice_ready(&c);
     waypoint_routes(&c);

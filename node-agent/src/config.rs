@@ -59,6 +59,21 @@ pub struct AgentConfig {
     pub outbound_traffic_policy: OutboundTrafficPolicy,
     /// Watch a Kubernetes API server instead of reading `mesh_file`.
     pub kube: Option<KubeSource>,
+    /// The chained CNI plugin that captures pods before they start (Kubernetes
+    /// mode with capture).
+    pub cni: Option<CniSettings>,
+}
+
+/// The chained CNI plugin (see [`crate::cni`]). Its paths are host paths,
+/// mounted at the same places in the agent's container.
+#[derive(Debug, Clone)]
+pub struct CniSettings {
+    /// The plugin's configuration: the agent's socket and cache, the
+    /// namespaces never held up.
+    pub plugin: crate::cni::PluginConfig,
+    /// Where to install the plugin, and the binary to install; `None`:
+    /// serve the socket only.
+    pub install: Option<(crate::cni::install::Dirs, PathBuf)>,
 }
 
 /// Istio's `meshConfig.outboundTrafficPolicy.mode`.
@@ -112,6 +127,7 @@ impl AgentConfig {
             handover_socket: None,
             outbound_traffic_policy: OutboundTrafficPolicy::AllowAny,
             kube: None,
+            cni: None,
         }
     }
 }

@@ -21,7 +21,7 @@
 //! a stale socket file, a peer that hangs up or stalls: a normal start.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
@@ -30,15 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, recvmsg, sendmsg, setsockopt, shutdown, socket,
-    sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, Shutdown,
-    SockFlag, SockType, UnixAddr,
+    accept4, bind, connect, getsockopt, listen, shutdown, sockopt, Backlog, Shutdown, SockFlag,
+    SockType, UnixAddr,
 };
 
 use crate::capture::netns::netns_cookie;
+use crate::fdpass::{recv, send, seqpacket, set_timeout};
 
 /// Sockets per message (the kernel's SCM_MAX_FD is 253).
-pub const FDS_PER_MESSAGE: usize = 64;
+pub use crate::fdpass::FDS_PER_MESSAGE;
 /// How long either side waits for the other's next message, except for
 /// `READY`: the successor may first have to obtain certificates.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,59 +136,6 @@ fn own_netns() -> u64 {
         .unwrap_or(0)
 }
 
-fn seqpacket() -> io::Result<OwnedFd> {
-    socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(io::Error::from)
-}
-
-fn set_timeout(fd: &OwnedFd, t: Duration) -> io::Result<()> {
-    let tv = nix::sys::time::TimeVal::new(t.as_secs() as _, t.subsec_micros() as _);
-    setsockopt(fd, sockopt::ReceiveTimeout, &tv)?;
-    setsockopt(fd, sockopt::SendTimeout, &tv)?;
-    Ok(())
-}
-
-fn send(fd: &OwnedFd, what: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let iov = [IoSlice::new(what)];
-    let cmsg = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)?;
-    Ok(())
-}
-
-/// One message: its bytes and the descriptors it carried (owned from here,
-/// so none leaks whatever the message turns out to be).
-fn recv(fd: &OwnedFd) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut buf = [0u8; 64];
-    let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            // SAFETY: the kernel just installed these descriptors for us;
-            // nothing else owns them.
-            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-        }
-    }
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    let n = msg.bytes;
-    if truncated {
-        return Err(io::Error::other("more descriptors than announced"));
-    }
-    Ok((buf[..n].to_vec(), fds))
-}
-
 /// What a received descriptor is, if it is a listening TCP socket.
 fn identify(fd: &OwnedFd) -> Option<ListenerKey> {
     if !getsockopt(fd, sockopt::AcceptConn).ok()? {
@@ -222,7 +169,7 @@ pub fn take_over(path: &Path) -> Result<Inherited, HandoverError> {
     send(&conn, b"TAKEOVER", &[]).map_err(err)?;
     let mut sockets = HashMap::new();
     loop {
-        let (what, fds) = recv(&conn).map_err(err)?;
+        let (what, fds) = recv(&conn, 64).map_err(err)?;
         match what.as_slice() {
             b"FDS" => {
                 for fd in fds {
@@ -352,7 +299,7 @@ fn serve_successor(
         )));
     }
     set_timeout(conn, STEP_TIMEOUT).map_err(proto)?;
-    let (what, _) = recv(conn).map_err(proto)?;
+    let (what, _) = recv(conn, 64).map_err(proto)?;
     if what != b"TAKEOVER" {
         return Err(HandoverError::Protocol(format!(
             "unexpected request {:?}",
@@ -371,7 +318,7 @@ fn serve_successor(
     );
     drop(fds);
     set_timeout(conn, READY_TIMEOUT).map_err(proto)?;
-    let (what, _) = recv(conn).map_err(proto)?;
+    let (what, _) = recv(conn, 64).map_err(proto)?;
     if what != b"READY" {
         return Err(HandoverError::Protocol(if what.is_empty() {
             "the successor went away before it was ready".into()

@@ -9,7 +9,9 @@
 pub mod admin;
 pub mod authz;
 pub mod capture;
+pub mod cni;
 pub mod config;
+pub mod fdpass;
 pub mod handover;
 pub mod inbound;
 pub mod limits;
@@ -62,6 +64,8 @@ pub enum AgentError {
     },
     #[error("the pod's network namespace is not found on this node (yet)")]
     NoNetns,
+    #[error("CNI plugin: {0}")]
+    Cni(String),
 }
 
 /// State shared by every task of the agent.
@@ -73,6 +77,9 @@ pub struct Ctx {
     pub orig_dst: Arc<dyn OriginalDestination>,
     /// The eBPF capture, when enabled.
     pub capture: Option<Arc<capture::Capture>>,
+    /// Namespaces the CNI plugin handed over (always there; empty without
+    /// the plugin).
+    pub cni: Arc<cni::server::Registry>,
     pub metrics: AgentMetrics,
     pub registry: Registry,
     local: Mutex<HashMap<(String, String), LocalWorkload>>,
@@ -101,6 +108,19 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Sluice is being removed: take the CNI plugin off the node (pods
+    /// created from now on start directly) and its cache with it.
+    pub fn remove_cni(&self) {
+        let Some(c) = &self.cfg.cni else { return };
+        if let Some((dirs, _)) = &c.install {
+            match self.cni.remove(dirs) {
+                Ok(()) => tracing::info!("CNI plugin removed from the node"),
+                Err(e) => tracing::error!(error = %e, "cannot remove the CNI plugin"),
+            }
+        }
+        let _ = std::fs::remove_file(&c.plugin.cache);
+    }
+
     /// The current mesh model.
     pub fn model(&self) -> Arc<MeshModel> {
         self.model.borrow().clone()
@@ -317,6 +337,7 @@ pub async fn start(
         None => handover::Inherited::none(),
     };
     let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::empty("cluster.local")));
+    let cni_registry = Arc::new(cni::server::Registry::default());
     // The model's source: the mesh file, or the cluster (then the first
     // model is complete before anything is served).
     let (loaded, mut tasks) = match &cfg.kube {
@@ -336,16 +357,27 @@ pub async fn start(
             });
             // This node's pods are served inside their own network
             // namespaces, found through the host's /proc.
+            // (Those the CNI plugin handed over first: a sandbox being set
+            // up has no process yet.)
             let node = cfg.node.clone();
             let proc_root = k.proc_root.clone();
+            let registry = cni_registry.clone();
             let netns = Arc::new(move |pod: &k8s_openapi::api::core::v1::Pod| {
                 let on_this_node =
                     pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
+                if !on_this_node {
+                    return None;
+                }
+                if let Some(local) = registry.local_pod(pod) {
+                    return Some(local);
+                }
                 let uid = pod.metadata.uid.as_deref()?;
-                on_this_node
-                    .then(|| podns::find_pod_netns(&proc_root, uid))
-                    .flatten()
-                    .map(|p| p.display().to_string())
+                podns::find_pod_netns(&proc_root, uid).map(|p| {
+                    mesh_core::kube::translate::LocalPod {
+                        netns: p.display().to_string(),
+                        ips: vec![],
+                    }
+                })
             });
             let tasks = mesh_core::kube::watch::follow_cluster(
                 client,
@@ -354,6 +386,7 @@ pub async fn start(
                 netns,
                 model_tx.clone(),
                 report,
+                cni_registry.changed.clone(),
             )
             .await;
             (None, tasks)
@@ -411,6 +444,7 @@ pub async fn start(
         connector,
         orig_dst,
         capture,
+        cni: cni_registry,
         metrics,
         registry,
         local: Mutex::new(HashMap::new()),
@@ -443,6 +477,12 @@ pub async fn start(
         tasks.push(tokio::spawn(watch_mesh_file(ctx.clone(), loaded, model_tx)));
     }
     tasks.push(tokio::spawn(follow_model(ctx.clone())));
+    if let Some(c) = &ctx.cfg.cni {
+        cni::server::serve(&c.plugin.socket, ctx.clone(), ctx.cni.clone()).map_err(|source| {
+            AgentError::Cni(format!("socket {}: {source}", c.plugin.socket.display()))
+        })?;
+        tasks.push(tokio::spawn(keep_cni(ctx.clone())));
+    }
     tasks.push(tokio::spawn(complete_handover(ctx.clone())));
     Ok(AgentHandle {
         ctx,
@@ -452,6 +492,55 @@ pub async fn start(
         tasks: Mutex::new(tasks),
         admin: Mutex::new(Some(admin)),
     })
+}
+
+/// Keep the CNI plugin's cache current (on every model change) and the
+/// plugin installed (re-checked every few seconds: the network plugin may
+/// rewrite its configuration).
+async fn keep_cni(ctx: Arc<Ctx>) {
+    let Some(c) = ctx.cfg.cni.clone() else {
+        return;
+    };
+    let mut rx = ctx.model.clone();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut last_cache = None;
+    let mut last_error = String::new();
+    loop {
+        let cache = cni::Cache::of(&ctx.model());
+        if last_cache.as_ref() != Some(&cache) {
+            match cache.write(&c.plugin.cache) {
+                Ok(()) => last_cache = Some(cache),
+                Err(e) => {
+                    tracing::error!(path = %c.plugin.cache.display(), error = %e, "cannot write the CNI plugin's cache");
+                }
+            }
+        }
+        if let (Some((dirs, binary)), Some(_)) = (&c.install, &last_cache) {
+            let (ctx2, dirs, binary, plugin) =
+                (ctx.clone(), dirs.clone(), binary.clone(), c.plugin.clone());
+            let outcome =
+                tokio::task::spawn_blocking(move || ctx2.cni.ensure(&dirs, &binary, &plugin)).await;
+            match outcome {
+                Ok(Ok(true)) => {
+                    last_error.clear();
+                    tracing::info!(conf_dir = %c.install.as_ref().map(|i| i.0.conf.display().to_string()).unwrap_or_default(), "CNI plugin installed: new pods are captured before they start");
+                }
+                Ok(Ok(false)) => last_error.clear(),
+                Ok(Err(e)) => {
+                    let e = e.to_string();
+                    if e != last_error {
+                        tracing::error!(error = %e, "cannot install the CNI plugin (will retry): pods starting while no agent runs would not wait for it");
+                        last_error = e;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
 }
 
 /// Once serving: release the previous agent (if any), then wait for a
@@ -723,12 +812,18 @@ fn start_workload(
         // the agent's addresses.)
         None if ctx.cfg.kube.is_some() && ctx.capture.is_some() => return Err(AgentError::NoNetns),
         None => PodNet::Host,
-        Some(name) => PodNet::Netns(Arc::new(capture::netns::Netns::open(name).map_err(
-            |source| AgentError::Netns {
-                name: name.to_string(),
-                source,
-            },
-        )?)),
+        // Handed over by the CNI plugin, else opened by path.
+        Some(name) => {
+            PodNet::Netns(match ctx.cni.netns(name) {
+                Some(ns) => ns,
+                None => Arc::new(capture::netns::Netns::open(name).map_err(|source| {
+                    AgentError::Netns {
+                        name: name.to_string(),
+                        source,
+                    }
+                })?),
+            })
+        }
     };
     // A listener handed over by the previous agent, else a fresh one.
     let mut listeners = Vec::new();

@@ -225,6 +225,35 @@ struct RunArgs {
     /// them too).
     #[arg(long, env = "SLUICE_HOST_NETNS")]
     host_netns: Option<PathBuf>,
+    /// Serve the chained CNI plugin on this Unix socket (a host path, the
+    /// same inside the agent's container), so pods are captured before
+    /// their containers start and wait while no agent runs (Kubernetes
+    /// mode with eBPF capture).
+    #[arg(long, env = "SLUICE_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
+    /// Where the agent leaves what the plugin needs while the agent is
+    /// away (default: next to the socket).
+    #[arg(long, env = "SLUICE_CNI_CACHE")]
+    cni_cache: Option<PathBuf>,
+    /// The node's CNI binary directory: install the plugin there (with
+    /// `--cni-conf-dir`) and remove it on uninstall.
+    #[arg(long, env = "SLUICE_CNI_BIN_DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    /// The node's CNI configuration directory: the plugin is appended to
+    /// its primary network configuration.
+    #[arg(long, env = "SLUICE_CNI_CONF_DIR", requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The plugin binary to install.
+    #[arg(
+        long,
+        env = "SLUICE_CNI_PLUGIN",
+        default_value = "/usr/lib/sluice/sluice-cni"
+    )]
+    cni_plugin: PathBuf,
+    /// Namespaces whose pods never wait for the agent (the agent's own is
+    /// always among them).
+    #[arg(long = "cni-exclude-namespace", default_values = ["kube-system"])]
+    cni_exclude_namespaces: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -381,6 +410,33 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 .join("handover.sock"),
         ),
     };
+    if let Some(socket) = a.cni_socket {
+        anyhow::ensure!(
+            a.kube && a.capture == Capture::Ebpf,
+            "--cni-socket needs --kube and --capture=ebpf"
+        );
+        let mut exclude = a.cni_exclude_namespaces;
+        if let Some((ns, _)) = &own_pod {
+            exclude.push(ns.clone());
+        }
+        exclude.sort();
+        exclude.dedup();
+        cfg.cni = Some(node_agent::config::CniSettings {
+            plugin: node_agent::cni::PluginConfig {
+                cache: a
+                    .cni_cache
+                    .unwrap_or_else(|| socket.with_file_name("cni-cache.json")),
+                socket,
+                exclude_namespaces: exclude,
+            },
+            install: match (a.cni_bin_dir, a.cni_conf_dir) {
+                (Some(bin), Some(conf)) => {
+                    Some((node_agent::cni::install::Dirs { bin, conf }, a.cni_plugin))
+                }
+                _ => None,
+            },
+        });
+    }
     if a.capture == Capture::Ebpf {
         cfg.capture = Some(node_agent::capture::CaptureConfig {
             object: a.ebpf_object,
@@ -441,6 +497,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         // Stopping for good: new connections go direct at once, the
         // established ones drain through this agent.
         if !handed_over && removal.is_some_and(|r| r.removing()) {
+            // The plugin first: pods created from now on start directly.
+            agent.ctx.remove_cni();
             if let Some(c) = &agent.ctx.capture {
                 c.uninstall();
             }

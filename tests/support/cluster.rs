@@ -78,6 +78,10 @@ pub const NODES: [(&str, u8, &str, u16, u16); 2] = [
 ];
 /// Where the API server listens (and advertises itself).
 pub const APISERVER: &str = "10.99.0.1:46443";
+/// Every node's CNI binary directory (in the node's own `/run`).
+pub const CNI_BIN_DIR: &str = "/run/cni/bin";
+/// Every node's CNI configuration directory (in the node's own `/run`).
+pub const CNI_CONF_DIR: &str = "/run/cni/net.d";
 
 const ETCD_CLIENT: &str = "127.0.0.1:42379";
 const NODE_IP_LINK: &str = "sluice-nodeip";
@@ -179,6 +183,11 @@ impl Cluster {
         )
         .to_string();
         c.pki();
+        // bpffs at /sys/fs/bpf, as systemd mounts it on every host: the
+        // agents' pins must live in the host's bpffs (a node's own mount
+        // would not reach the host, and the test checks the pins there).
+        // Left mounted, like systemd's.
+        sh("[ \"$(stat -f -c %T /sys/fs/bpf)\" = bpf_fs ] || mount -t bpf bpffs /sys/fs/bpf");
         // No `dummy` links on these kernels: an empty bridge holds the node IPs.
         sh(&format!(
             "ip link add {NODE_IP_LINK} type bridge && ip addr add 10.99.0.1/32 dev {NODE_IP_LINK} && ip addr add 10.99.0.2/32 dev {NODE_IP_LINK} && ip link set {NODE_IP_LINK} up"
@@ -413,8 +422,8 @@ oom_score = 0
           SystemdCgroup = false
           Root = "{dd}/runc"
     [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "/usr/lib/cni"
-      conf_dir = "{dd}/cni"
+      bin_dir = "{CNI_BIN_DIR}"
+      conf_dir = "{CNI_CONF_DIR}"
       max_conf_num = 1
 "#,
                 sock = sock.display()
@@ -445,14 +454,21 @@ oom_score = 0
         // containerd in a mount namespace of its own: a private /run and
         // /var/log, and shared propagation as on a systemd host (mount
         // propagation to and from containers needs it; this machine's own
-        // mounts are private, and stay so).
+        // mounts are private, and stay so). The node's CNI directories are
+        // in its /run, the same paths on every node (a DaemonSet mounts
+        // them by one host path): Debian's plugins, and the network
+        // configuration.
         let containerd = Command::new("unshare")
             .args(["--mount", "--propagation", "slave", "--", "sh", "-c"])
             .arg(
-                "mount -n -t tmpfs -o mode=0755 sluice-run /run && mount -n --bind \"$1/varlog\" /var/log && mount --make-rshared / && exec containerd --config \"$1/containerd/config.toml\"",
+                "mount -n -t tmpfs -o mode=0755 sluice-run /run && mount -n --bind \"$1/varlog\" /var/log && mount --make-rshared / \
+                 && mkdir -p \"$2\" \"$3\" && ln -s /usr/lib/cni/* \"$2\"/ && cp \"$1\"/cni/*.conflist \"$3\"/ \
+                 && exec containerd --config \"$1/containerd/config.toml\"",
             )
             .arg("sh")
             .arg(&d)
+            .arg(CNI_BIN_DIR)
+            .arg(CNI_CONF_DIR)
             .stdout(self.log(&format!("containerd-{name}")))
             .stderr(self.log(&format!("containerd-{name}")))
             .spawn()
@@ -623,6 +639,14 @@ maxPods: 50
             .stdout(Stdio::null()));
     }
 
+    /// `path` as node `node` sees it (its own mount namespace: its `/run`),
+    /// reached through its containerd's `/proc/<pid>/root`.
+    pub fn node_path(&self, node: &str, path: &str) -> PathBuf {
+        let n = self.nodes.iter().find(|n| n.name == node).expect("node");
+        let pid = n.containerd.as_ref().expect("containerd running").id();
+        PathBuf::from(format!("/proc/{pid}/root{path}"))
+    }
+
     /// Import an OCI archive into every node's containerd.
     pub fn import_image(&self, archive: &Path) {
         for n in &self.nodes {
@@ -713,11 +737,18 @@ pub fn build_sluice_image(dir: &Path, ebpf_object: &Path) -> PathBuf {
     std::fs::create_dir_all(root.join("usr/bin")).unwrap();
     std::fs::create_dir_all(root.join("usr/lib/sluice")).unwrap();
     std::fs::create_dir_all(root.join("tmp")).unwrap();
-    for b in ["sluice-agent", "sluice-waypoint", "sluicectl"] {
+    // (The CNI plugin is not a command of the image: the agent installs
+    // it on the node.)
+    for (b, to) in [
+        ("sluice-agent", "usr/bin"),
+        ("sluice-waypoint", "usr/bin"),
+        ("sluicectl", "usr/bin"),
+        ("sluice-cni", "usr/lib/sluice"),
+    ] {
         run(Command::new("strip")
             .arg("--strip-debug")
             .arg("-o")
-            .arg(root.join("usr/bin").join(b))
+            .arg(root.join(to).join(b))
             .arg(bins.join(b)));
     }
     std::fs::copy(ebpf_object, root.join("usr/lib/sluice/sluice-ebpf.o")).unwrap();

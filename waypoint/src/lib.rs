@@ -315,6 +315,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
                     Arc::new(|_: &k8s_openapi::api::core::v1::Pod| None),
                     model_tx.clone(),
                     report,
+                    Arc::new(tokio::sync::Notify::new()),
                 )
                 .await,
             );

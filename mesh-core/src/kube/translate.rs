@@ -312,14 +312,23 @@ fn pod_ips(p: &Pod) -> Vec<IpAddr> {
     ips
 }
 
-fn workload_of(p: &Pod) -> Option<Workload> {
+fn workload_of(p: &Pod, local: Option<LocalPod>) -> Option<Workload> {
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     if matches!(phase, Some("Succeeded") | Some("Failed")) {
         return None;
     }
     let spec = p.spec.as_ref()?;
     let node = spec.node_name.clone()?;
-    let ips = pod_ips(p);
+    let (netns, cni_ips) = match local {
+        Some(l) => (Some(l.netns), l.ips),
+        None => (None, vec![]),
+    };
+    let mut ips = pod_ips(p);
+    if ips.is_empty() {
+        // A sandbox being set up: the API learns the pod's address only
+        // after the CNI plugins (ours among them) have run.
+        ips = cni_ips;
+    }
     if ips.is_empty() || spec.host_network == Some(true) {
         return None;
     }
@@ -337,7 +346,7 @@ fn workload_of(p: &Pod) -> Option<Workload> {
         node,
         ips,
         labels: p.metadata.labels.clone().unwrap_or_default(),
-        netns: None,
+        netns,
         // Deleted but still running its grace period: dropping it would
         // un-enroll it, and its last connections would leave in clear.
         terminating: p.metadata.deletion_timestamp.is_some(),
@@ -440,8 +449,19 @@ macro_rules! custom {
     };
 }
 
-/// Where a pod's network namespace is (a path), when this node knows it.
-pub type NetnsOf<'a> = &'a (dyn Fn(&Pod) -> Option<String> + Send + Sync);
+/// What this node knows of one of its pods' network: where its namespace
+/// is, and (while the sandbox is being set up, before the API has them) the
+/// addresses the CNI plugins gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPod {
+    /// The namespace's path, or another stable name the agent resolves.
+    pub netns: String,
+    /// Addresses from the CNI result; empty when found otherwise.
+    pub ips: Vec<IpAddr>,
+}
+
+/// Where a pod's network namespace is, when this node knows it.
+pub type NetnsOf<'a> = &'a (dyn Fn(&Pod) -> Option<LocalPod> + Send + Sync);
 
 /// Build the mesh model from the cluster's objects.
 pub fn translate(
@@ -454,11 +474,7 @@ pub fn translate(
     let mut workloads: Vec<Workload> = state
         .pods
         .iter()
-        .filter_map(|p| {
-            let mut w = workload_of(p)?;
-            w.netns = netns(p);
-            Some(w)
-        })
+        .filter_map(|p| workload_of(p, netns(p)))
         .collect();
     // When a new pod already has the address of one still terminating, the
     // new one keeps it (the first claim wins below).
@@ -927,6 +943,48 @@ spec:
                 .name,
             "reviews-v1-new"
         );
+    }
+
+    /// A pod whose sandbox the CNI plugins are still setting up has no
+    /// address in the API yet: the node's own knowledge (the namespace and
+    /// the CNI result) makes it a workload, so it can be captured before
+    /// its first container starts. The API's addresses win once known.
+    #[test]
+    fn a_pod_being_set_up_takes_its_addresses_from_the_node() {
+        let mut s = state();
+        let mut fresh: Pod = parse::<Pod>(PODS).remove(0);
+        fresh.metadata.name = Some("starting".into());
+        fresh.metadata.uid = Some("uid-starting".into());
+        fresh.status = None;
+        s.pods.push(fresh.clone());
+        let local = |p: &Pod| {
+            (p.metadata.uid.as_deref() == Some("uid-starting")).then(|| LocalPod {
+                netns: "/var/run/netns/cni-1".into(),
+                ips: vec!["10.244.1.42".parse().unwrap()],
+            })
+        };
+        let find = |t: &Translation| {
+            t.model
+                .workloads
+                .iter()
+                .find(|w| w.name == "starting")
+                .cloned()
+        };
+        let t = translate(&s, "cluster.local", "istio-system", &local);
+        let w = find(&t).expect("a workload");
+        assert_eq!(w.ips, ["10.244.1.42".parse::<IpAddr>().unwrap()]);
+        assert_eq!(w.netns.as_deref(), Some("/var/run/netns/cni-1"));
+        // Without the node's knowledge it is not a workload yet.
+        let t = translate(&s, "cluster.local", "istio-system", &|_| None);
+        assert!(find(&t).is_none());
+
+        s.pods.last_mut().unwrap().status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some("10.244.1.43".into()),
+            ..Default::default()
+        });
+        let t = translate(&s, "cluster.local", "istio-system", &local);
+        let w = find(&t).unwrap();
+        assert_eq!(w.ips, ["10.244.1.43".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]

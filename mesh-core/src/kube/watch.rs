@@ -131,7 +131,7 @@ impl WatchReport for ClusterReport {
 }
 
 /// Finds a pod's network namespace (see [`super::translate::NetnsOf`]).
-pub type NetnsResolver = dyn Fn(&Pod) -> Option<String> + Send + Sync;
+pub type NetnsResolver = dyn Fn(&Pod) -> Option<super::translate::LocalPod> + Send + Sync;
 
 /// Counters the caller exports (`sluice_config_updates_total` and
 /// friends).
@@ -199,7 +199,8 @@ where
 }
 
 /// Watch the cluster and publish models on `tx` until the task is aborted.
-/// Returns once the first complete model is published.
+/// Returns once the first complete model is published. Notifying `changed`
+/// translates again (what `netns` tells changed).
 pub async fn follow_cluster(
     client: Client,
     trust_domain: String,
@@ -207,8 +208,8 @@ pub async fn follow_cluster(
     netns: Arc<NetnsResolver>,
     tx: watch::Sender<Arc<MeshModel>>,
     report: Arc<dyn WatchReport>,
+    changed: Arc<Notify>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let changed = Arc::new(Notify::new());
     let mut tasks = vec![];
     let namespaces = typed::<Namespace>(&client, &changed, &mut tasks);
     let nodes = typed::<Node>(&client, &changed, &mut tasks);

@@ -30,9 +30,15 @@ impl Netns {
         };
         let file = File::open(&path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Self::from_file(file, &path.display().to_string())
+    }
+
+    /// A namespace already open (handed over by the CNI plugin); `path`
+    /// names it.
+    pub fn from_file(file: File, path: &str) -> io::Result<Netns> {
         let mut ns = Netns {
             file,
-            path,
+            path: PathBuf::from(path),
             cookie: 0,
         };
         ns.cookie = ns.run(|| {
