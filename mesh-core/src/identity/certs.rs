@@ -27,6 +27,10 @@ use super::SpiffeId;
 pub const REFRESH_FRACTION: f64 = 0.4;
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The cap while an identity has no certificate at all: every connection
+/// of its workload fails meanwhile (a new agent whose CA is restarting in
+/// the same rollout waited up to 30 s), so it asks again sooner.
+const FIRST_RETRY_MAX: Duration = Duration::from_secs(4);
 /// How late a renewal may be before the certificate counts as overdue.
 const OVERDUE_GRACE: Duration = Duration::from_secs(1);
 
@@ -393,7 +397,12 @@ async fn maintain(
                 tracing::warn!(identity = %id, error = %e, retry_in_ms = backoff.as_millis() as u64, "certificate request failed");
                 drop(s);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
+                let cap = if generation == 0 {
+                    FIRST_RETRY_MAX
+                } else {
+                    RETRY_MAX
+                };
+                backoff = (backoff * 2).min(cap);
             }
         }
     }
