@@ -270,6 +270,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "ca_request",
     "orig_dst",
     "waypoint_routes",
+    "cni",
 ];
 
 fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> {
