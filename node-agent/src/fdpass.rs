@@ -4,11 +4,12 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    bind, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
 /// The most descriptors one message may carry.
@@ -23,6 +24,22 @@ pub fn seqpacket() -> io::Result<OwnedFd> {
         None,
     )
     .map_err(io::Error::from)
+}
+
+/// A `SOCK_SEQPACKET` socket listening at `path`, for the agent's own user
+/// only (mode 0600), replacing whatever file is there (a stale socket, or
+/// the predecessor's, which no longer needs the name).
+pub fn listen_at(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let fd = seqpacket()?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listen(&fd, Backlog::new(backlog)?)?;
+    Ok(fd)
 }
 
 /// Bound every send and receive on `fd` by `t`.

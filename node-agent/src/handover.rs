@@ -24,18 +24,16 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, shutdown, sockopt, Backlog, Shutdown, SockFlag,
-    SockType, UnixAddr,
+    accept4, connect, getsockopt, shutdown, sockopt, Shutdown, SockFlag, SockType, UnixAddr,
 };
 
 use crate::capture::netns::netns_cookie;
-use crate::fdpass::{recv, send, seqpacket, set_timeout};
+use crate::fdpass::{listen_at, recv, send, seqpacket, set_timeout};
 
 /// Sockets per message (the kernel's SCM_MAX_FD is 253).
 pub use crate::fdpass::FDS_PER_MESSAGE;
@@ -230,16 +228,7 @@ impl HandoverServer {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
-            _ => {}
-        }
-        let fd = seqpacket().map_err(err)?;
-        let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
-        bind(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        listen(&fd, Backlog::new(4).expect("a small backlog")).map_err(|e| err(e.into()))?;
-        let listener = Arc::new(fd);
+        let listener = Arc::new(listen_at(path, 4).map_err(err)?);
         let l = listener.clone();
         let shown = path.display().to_string();
         std::thread::Builder::new()

@@ -478,7 +478,7 @@ pub async fn start(
     }
     tasks.push(tokio::spawn(follow_model(ctx.clone())));
     if let Some(c) = &ctx.cfg.cni {
-        cni::server::serve(&c.plugin.socket, ctx.clone(), ctx.cni.clone()).map_err(|source| {
+        cni::server::serve(&c.plugin.socket, ctx.clone()).map_err(|source| {
             AgentError::Cni(format!("socket {}: {source}", c.plugin.socket.display()))
         })?;
         tasks.push(tokio::spawn(keep_cni(ctx.clone())));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use mesh_core::kube::translate::LocalPod;
-use nix::sys::socket::{accept4, bind, listen, Backlog, SockFlag, UnixAddr};
+use nix::sys::socket::{accept4, SockFlag};
 use tokio::sync::Notify;
 
 use super::{Reply, Request, MAX_REQUEST};
@@ -93,20 +93,10 @@ impl Registry {
     }
 }
 
-/// Listen on `path` (replacing a stale socket) and serve the plugin.
-pub fn serve(path: &Path, ctx: Arc<Ctx>, registry: Arc<Registry>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let sock = fdpass::seqpacket()?;
-    bind(
-        sock.as_raw_fd(),
-        &UnixAddr::new(path).map_err(std::io::Error::from)?,
-    )?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    listen(&sock, Backlog::new(64).expect("a small backlog"))?;
+/// Listen on `path` (replacing a stale socket) and serve the plugin,
+/// registering what it hands over in `ctx.cni`.
+pub fn serve(path: &Path, ctx: Arc<Ctx>) -> std::io::Result<()> {
+    let sock = fdpass::listen_at(path, 64)?;
     let path = path.to_path_buf();
     std::thread::Builder::new()
         .name("cni-server".into())
@@ -115,10 +105,10 @@ pub fn serve(path: &Path, ctx: Arc<Ctx>, registry: Arc<Registry>) -> std::io::Re
                 Ok(raw) => {
                     // SAFETY: accept4 just returned this descriptor.
                     let conn = unsafe { OwnedFd::from_raw_fd(raw) };
-                    let (ctx, registry) = (ctx.clone(), registry.clone());
+                    let ctx = ctx.clone();
                     let _ = std::thread::Builder::new()
                         .name("cni-call".into())
-                        .spawn(move || call(conn, &ctx, &registry));
+                        .spawn(move || call(conn, &ctx, &ctx.cni));
                 }
                 Err(e) => {
                     tracing::error!(socket = %path.display(), error = %e, "CNI socket: accept failed");
