@@ -556,6 +556,68 @@ fn a_full_enrollment_map_is_reported_and_the_pod_enrolled_once_there_is_room() {
     assert!(!sniff.finish(), "the late pod's traffic left in clear");
 }
 
+/// The application behind an agent sees its real client — over HBONE
+/// (cross-node, same-node, IPv4 and IPv6, through a service address) and
+/// as plaintext from outside the mesh — as ztunnel shows it, not the agent
+/// or 127.0.0.6.
+#[test]
+fn applications_see_their_clients_addresses_not_the_agents() {
+    if !e2e_available() {
+        return;
+    }
+    let t = cluster();
+    for p in ["web", "server"] {
+        peer_in(t.pod(p), 9090);
+    }
+    let seen = |from: &str, dst: SocketAddr| {
+        let back = exchange(t.pod(from), dst, Vec::new())
+            .unwrap_or_else(|e| panic!("{from} → {dst}: {e}\n{}", t.agent_log("node-a")));
+        String::from_utf8(back).expect("an address")
+    };
+    let client = t.pod("client");
+    for dst in ["server", "web"] {
+        assert_eq!(
+            seen("client", addr(&t, dst, 9090)),
+            client.ip.to_string(),
+            "{dst}"
+        );
+        let v6 = SocketAddr::new(t.pod(dst).ip6, 9090);
+        assert_eq!(
+            seen("client", v6),
+            client.ip6.to_string(),
+            "{dst} over IPv6"
+        );
+    }
+    // Plaintext from outside the mesh (PERMISSIVE), through the inbound
+    // listener.
+    let outsider = t.pod("outsider");
+    assert_eq!(
+        seen("outsider", addr(&t, "server", 9090)),
+        outsider.ip.to_string()
+    );
+    // None of them went direct: node-b's agent served two over mTLS and
+    // the plaintext one.
+    let b = t.metrics("node-b");
+    let opened = |security: &str| {
+        metric(
+            &b,
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="destination""#, security],
+        )
+    };
+    assert_eq!(
+        opened(r#"connection_security_policy="mutual_tls""#),
+        2,
+        "{b}"
+    );
+    assert_eq!(opened(r#"connection_security_policy="unknown""#), 1, "{b}");
+    // The applications' replies reach the agents through the delivery
+    // routing set in each pod (only the agent's mark selects it).
+    let rules = t.run_in("server", &["ip", "rule", "show"]);
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(rules.contains("fwmark 0x1539 lookup 133"), "{rules}");
+}
+
 #[test]
 fn ipv6_traffic_is_captured_and_tunnelled_too() {
     if !e2e_available() {

@@ -14,7 +14,8 @@ use sluice_tests::kube::{for_api_server_1_20, helm};
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 /// How long Sluice may take to become Ready after an install.
 const READY: Duration = Duration::from_secs(60);
-/// How long the agent pods may take to go from the API after an uninstall.
+/// How long the agent pods may take to go from the API once deleted (the
+/// kubelet reclaims them first).
 const GONE: Duration = Duration::from_secs(150);
 /// The CA's Service IP in the Helm install (in the cluster's 10.96.0.0/24).
 const HELM_CA_IP: &str = "10.96.0.53";
@@ -230,9 +231,25 @@ fn servers_ready(c: &Cluster) -> bool {
     })
 }
 
+/// Whether the application of pod `ns/pod` (busybox httpd, `-vv`) logged
+/// a request from `ip`: what the application itself saw.
+fn app_saw(c: &Cluster, ns: &str, pod: &str, ip: &str) -> bool {
+    // (httpd logs `[::ffff:a.b.c.d]:port: ...` for IPv4 peers)
+    c.kubectl_out(&["logs", "-n", ns, pod, "-c", "c"])
+        .lines()
+        .any(|l| l.starts_with(&format!("[::ffff:{ip}]:")) || l.starts_with(&format!("{ip}:")))
+}
+
+/// The delivery routing Sluice sets in a pod so that its application sees
+/// its clients' addresses (`ip rule` inside the pod).
+fn delivery_rule(c: &Cluster, ns: &str, pod: &str) -> bool {
+    c.kubectl_out(&["exec", "-n", ns, pod, "-c", "c", "--", "ip", "rule", "show"])
+        .contains("lookup 133")
+}
+
 /// Traffic from `client` to `server` crosses the agents as HBONE, with
-/// both SPIFFE identities in the source agent's log and the client pod's
-/// address at the destination's.
+/// both SPIFFE identities in the source agent's log, and the client pod's
+/// address at the destination's and at the server application itself.
 fn tunnelled(c: &Cluster, server: &str) -> bool {
     let logs = agent_logs(c);
     let client_ip = pod_ip(c, "shop", "client");
@@ -249,7 +266,7 @@ fn tunnelled(c: &Cluster, server: &str) -> bool {
             && l.contains(&format!("\"src.addr\":\"{client_ip}:"))
             && l.contains("\"mtls\":true")
     });
-    out && inbound
+    out && inbound && app_saw(c, "shop", server, &client_ip)
 }
 
 /// The shop's pods reach each other over HBONE, same-node and cross-node.
@@ -270,8 +287,8 @@ fn pins(node: &str) -> bool {
 /// After an uninstall that began at `start`: within 30 s no agent process
 /// is left on the machine, no pin on either node, and the shop's pods talk
 /// directly — with no agent on the node, a capture left behind would
-/// black-hole them. Then the agent pods go from the API and the CNI plugin
-/// from the nodes.
+/// black-hole them. Then the agent pods go from the API, the CNI plugin
+/// from the nodes and the delivery routing from the pods.
 fn uninstalled(c: &Cluster, how: &str, start: Instant) {
     let direct = Duration::from_secs(30);
     wait(c, &format!("{how}: pods talk directly"), direct, || {
@@ -294,6 +311,12 @@ fn uninstalled(c: &Cluster, how: &str, start: Instant) {
         assert!(
             !cni_plugin_installed(c, node),
             "{how}: the CNI plugin was left on {node}"
+        );
+    }
+    for pod in ["server-a", "server-b"] {
+        assert!(
+            !delivery_rule(c, "shop", pod),
+            "{how}: the delivery routing was left in {pod}"
         );
     }
 }
@@ -533,6 +556,7 @@ spec:
     - name: c
       image: localhost/busybox:1
       imagePullPolicy: Never
+      command: [httpd, -f, -vv, -p, "8080", -h, /www]
       readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2}
       livenessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2, failureThreshold: 3}
     - name: echo
@@ -551,6 +575,7 @@ spec:
     - name: c
       image: localhost/busybox:1
       imagePullPolicy: Never
+      command: [httpd, -f, -vv, -p, "8080", -h, /www]
       readinessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2}
       livenessProbe: {httpGet: {path: /healthz, port: 8080}, periodSeconds: 2, failureThreshold: 3}
 ---
@@ -657,13 +682,10 @@ fn sluice_runs_on_real_kubelets() {
     let web = pod_ip(&c, "outside", "web");
     assert_eq!(fetch_ip(&c, "shop", "client", &web), HELLO);
     let client_ip = pod_ip(&c, "shop", "client");
-    let seen = c.kubectl_out(&["logs", "-n", "outside", "web"]);
     assert!(
-        // (httpd logs `[::ffff:a.b.c.d]:port: ...` for IPv4 peers)
-        seen.lines()
-            .any(|l| l.starts_with(&format!("[::ffff:{client_ip}]:"))
-                || l.starts_with(&format!("{client_ip}:"))),
-        "the passthrough destination did not see the client pod ({client_ip}):\n{seen}"
+        app_saw(&c, "outside", "web", &client_ip),
+        "the passthrough destination did not see the client pod ({client_ip}):\n{}",
+        c.kubectl_out(&["logs", "-n", "outside", "web"])
     );
     assert!(
         agent_logs(&c).contains("\"direction\":\"passthrough\""),
@@ -715,7 +737,9 @@ fn sluice_runs_on_real_kubelets() {
         "-p",
         r#"{"spec":{"template":{"spec":{"nodeSelector":{"sluice.dev/test-no-agent":"true"}}}}}"#,
     ]);
-    wait(&c, "agents gone", READY, || no_agents(&c));
+    // Gone from the nodes, that is; their API objects may linger while the
+    // kubelet reclaims them (see `uninstalled`).
+    wait(&c, "agents stopped", READY, || agent_processes() == 0);
     let away = Instant::now();
     assert!(
         fetch(&c, "shop", "client", "server-b").is_empty(),
@@ -769,7 +793,8 @@ fn sluice_runs_on_real_kubelets() {
         "-p",
         r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector/sluice.dev~1test-no-agent"}]"#,
     ]);
-    wait(&c, "agents back", READY, || {
+    // (The DaemonSet controller waits for the old pods' API objects.)
+    wait(&c, "agents back", GONE, || {
         ready(&c, "daemonset", "sluice-system", "sluice-agent")
     });
     wait(&c, "traffic back", READY, || {

@@ -28,8 +28,13 @@ pub struct AgentConfig {
     /// Port of the per-pod inbound plaintext listener (pods in their own
     /// network namespace only).
     pub inbound_port: u16,
-    /// SO_MARK on the agent's sockets inside pods (never captured).
+    /// SO_MARK on the agent's sockets inside pods (never captured). Must
+    /// not have [`sluice_ebpf_common::DELIVERY_MARK_BIT`] set.
     pub mark: u32,
+    /// Where the host's `/proc/sys/net` is mounted: the agent sets
+    /// `ipv4/tcp_fwmark_accept` there from inside each pod's namespace
+    /// (transparent delivery, [`crate::delivery`]).
+    pub net_sysctl_dir: PathBuf,
     /// How long an un-enrolled workload's listeners keep serving
     /// connections that were redirected just before.
     pub unenroll_grace: Duration,
@@ -114,6 +119,7 @@ impl AgentConfig {
             hbone_port: mesh_core::hbone::HBONE_PORT,
             inbound_port: 15006,
             mark: 0x539,
+            net_sysctl_dir: PathBuf::from("/proc/sys/net"),
             unenroll_grace: Duration::from_secs(2),
             capture: None,
             admin_addr: ([127, 0, 0, 1], 15000).into(),

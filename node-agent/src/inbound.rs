@@ -187,9 +187,10 @@ async fn handle_stream(
     let net = ctx
         .pod_net(target.ip())
         .unwrap_or(crate::podnet::PodNet::Host);
+    // The application sees the client as policy did.
     let app = match tokio::time::timeout(
         ctx.cfg.connect_timeout,
-        net.connect_app(target, ctx.cfg.mark),
+        net.connect_app(target, checked.source.ip(), ctx.cfg.mark),
     )
     .await
     {
@@ -292,7 +293,7 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     };
     let app = match tokio::time::timeout(
         ctx.cfg.connect_timeout,
-        net.connect_app(target, ctx.cfg.mark),
+        net.connect_app(target, peer.ip(), ctx.cfg.mark),
     )
     .await
     {

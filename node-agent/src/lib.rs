@@ -11,6 +11,7 @@ pub mod authz;
 pub mod capture;
 pub mod cni;
 pub mod config;
+pub mod delivery;
 pub mod fdpass;
 pub mod handover;
 pub mod inbound;
@@ -119,6 +120,25 @@ impl Ctx {
             }
         }
         let _ = std::fs::remove_file(&c.plugin.cache);
+    }
+
+    /// The namespaces of the pods prepared for transparent delivery
+    /// ([`delivery`]), to clean up once an uninstall has drained (the
+    /// drain stops serving them).
+    pub fn delivery_namespaces(&self) -> Vec<Arc<capture::netns::Netns>> {
+        let local = lock(&self.local);
+        let draining = lock(&self.draining);
+        local
+            .values()
+            .chain(draining.values().map(|(l, _)| l))
+            .filter_map(|l| match &l.net {
+                podnet::PodNet::Netns {
+                    ns,
+                    transparent: true,
+                } => Some(ns.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The current mesh model.
@@ -814,7 +834,7 @@ fn start_workload(
         None => PodNet::Host,
         // Handed over by the CNI plugin, else opened by path.
         Some(name) => {
-            PodNet::Netns(match ctx.cni.netns(name) {
+            let ns = match ctx.cni.netns(name) {
                 Some(ns) => ns,
                 None => Arc::new(capture::netns::Netns::open(name).map_err(|source| {
                     AgentError::Netns {
@@ -822,7 +842,21 @@ fn start_workload(
                         source,
                     }
                 })?),
-            })
+            };
+            let ipv6 = ips.iter().any(IpAddr::is_ipv6);
+            let transparent = match delivery::prepare(
+                &ns,
+                &ctx.cfg.net_sysctl_dir,
+                ctx.cfg.mark,
+                ipv6,
+            ) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(netns = name, error = %e, "cannot prepare transparent delivery: this pod's applications see the agent (127.0.0.6), not their clients");
+                    false
+                }
+            };
+            PodNet::Netns { ns, transparent }
         }
     };
     // A listener handed over by the previous agent, else a fresh one.
@@ -852,7 +886,7 @@ fn start_workload(
                 tasks.spawn(inbound::serve(hbone, ctx.clone()));
             }
         }
-        PodNet::Netns(ns) => {
+        PodNet::Netns { ns, .. } => {
             use std::os::fd::AsFd;
             // Outbound capture listeners on both loopbacks: a pod may dial
             // IPv6 even when the model lists only its IPv4 address (the

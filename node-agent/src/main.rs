@@ -254,6 +254,12 @@ struct RunArgs {
     /// always among them).
     #[arg(long = "cni-exclude-namespace", default_values = ["kube-system"])]
     cni_exclude_namespaces: Vec<String>,
+    /// The host's `/proc/sys/net`, writable: the agent sets a pod's
+    /// `net.ipv4.tcp_fwmark_accept` from inside its namespace, so
+    /// applications see their clients' addresses (e.g. `/host/proc-sys-net`
+    /// when mounted into the agent's pod; read-only, they see 127.0.0.6).
+    #[arg(long, env = "SLUICE_NET_SYSCTL_DIR", default_value = "/proc/sys/net")]
+    net_sysctl_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -375,6 +381,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         });
     }
     cfg.reload_interval = a.reload_interval;
+    cfg.net_sysctl_dir = a.net_sysctl_dir;
     let root = a.remote_ca.ca_root_cert.clone();
     // The agent asks for each local workload's identity on its behalf.
     cfg.ca = match (a.remote_ca.remote(true), a.ca_cert, a.ca_key) {
@@ -496,7 +503,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         };
         // Stopping for good: new connections go direct at once, the
         // established ones drain through this agent.
-        if !handed_over && removal.is_some_and(|r| r.removing()) {
+        let removing = !handed_over && removal.is_some_and(|r| r.removing());
+        // The pods whose routing goes once their connections have drained.
+        let delivered = if removing {
+            agent.ctx.delivery_namespaces()
+        } else {
+            Vec::new()
+        };
+        if removing {
             // The plugin first: pods created from now on start directly.
             agent.ctx.remove_cni();
             if let Some(c) = &agent.ctx.capture {
@@ -523,6 +537,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                     patience -= 1;
                     if patience == 0 {
                         tracing::warn!("signal during the drain: exiting without draining");
+                        node_agent::delivery::remove_all(&delivered);
                         return Ok(());
                     }
                     terminated = true;
@@ -530,6 +545,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        // The drained connections needed the pods' delivery routing.
+        node_agent::delivery::remove_all(&delivered);
         // A handed-over agent that exits on its own would be restarted in
         // its old pod and take the sockets back: it idles until the pod is
         // deleted.

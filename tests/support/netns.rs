@@ -813,6 +813,23 @@ pub fn echo_in(pod: &Pod, port: u16) {
     }
 }
 
+/// A server inside `pod` on `port` (both its addresses) that answers each
+/// connection with the address it came from, as the application sees it.
+pub fn peer_in(pod: &Pod, port: u16) {
+    for ip in [pod.ip, pod.ip6] {
+        let addr = SocketAddr::new(ip, port);
+        let l = in_ns(&pod.ns, move || {
+            std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+        });
+        std::thread::spawn(move || {
+            use std::io::Write;
+            for (mut s, peer) in std::iter::from_fn(|| l.accept().ok()) {
+                let _ = s.write_all(peer.ip().to_string().as_bytes());
+            }
+        });
+    }
+}
+
 /// From inside `pod`, connect to `dst`, send `data`, half-close and read the
 /// answer. Errors are returned, not panicked on.
 pub fn exchange(pod: &Pod, dst: SocketAddr, data: Vec<u8>) -> std::io::Result<Vec<u8>> {

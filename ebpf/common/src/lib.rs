@@ -25,9 +25,11 @@ pub mod maps {
     /// One u64: the cookie of the node's own (host) network namespace, or
     /// 0 when connections from the node are not exempted.
     pub const HOST_NETNS: &str = "SLUICE_HOST_NETNS";
-    /// [`super::FlowKey`] → u32: connections opened from the node's own
-    /// namespace to a captured pod (the kubelet's probes), which inbound
-    /// capture lets through. Added at connect, removed at close.
+    /// [`super::FlowKey`] → u32: connections inbound capture lets through —
+    /// those opened from the node's own namespace to a captured pod (the
+    /// kubelet's probes), and the agent's own to an application, from the
+    /// client's address ([`super::DELIVERY_MARK_BIT`]). Added at connect,
+    /// removed at close.
     pub const HOST_CONNS: &str = "SLUICE_HOST_CONNS";
 }
 
@@ -51,8 +53,17 @@ pub const HOST_CONN_MAP_SIZE: u32 = 16384;
 /// Capacity of the per-pod maps.
 pub const POD_MAP_SIZE: u32 = 4096;
 
-/// Source address the agent uses to reach applications inside a pod, so the
-/// inbound capture lets those connections through (as Istio's 127.0.0.6).
+/// Added to the agent's mark on the connections it makes to an application
+/// from the client's address (transparent delivery): outbound capture skips
+/// them like any socket of the agent, `sock_ops` records them so inbound
+/// capture lets them through, and the application's replies, which inherit
+/// the mark, are routed back to the agent inside the pod. The agent's own
+/// mark never has this bit.
+pub const DELIVERY_MARK_BIT: u32 = 0x1000;
+
+/// Source address the agent uses to reach applications inside a pod whose
+/// namespace cannot deliver transparently, so the inbound capture lets
+/// those connections through (as Istio's 127.0.0.6).
 pub const AGENT_INBOUND_SOURCE_V4: [u8; 4] = [127, 0, 0, 6];
 
 /// Value of the ENROLLED map.

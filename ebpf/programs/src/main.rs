@@ -10,8 +10,11 @@
 //! Inbound: `sk_lookup` (attached to each enrolled pod's namespace) hands
 //! TCP connections to the pod's IP to the agent's inbound plaintext listener,
 //! except HBONE and the agent's own ports and connections the agent itself
-//! makes to the application. A captured pod with no listener (agent down)
-//! gets its connections dropped: fail closed.
+//! makes to the application: from 127.0.0.6, or from the client's own
+//! address on a socket carrying the delivery mark, which `sock_ops` records
+//! (transparent delivery: the application sees its real client). A captured
+//! pod with no listener (agent down) gets its connections dropped: fail
+//! closed.
 //!
 //! The node's own connections to its pods (the kubelet's health probes,
 //! host-network pods) are not captured, as Istio exempts them: `sock_ops`
@@ -36,8 +39,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use sluice_ebpf_common::{
-    AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, Enrolled, FlowKey, HOST_CONN_MAP_SIZE, IpKey,
-    OrigDst, POD_MAP_SIZE, config, ip6_bytes, v4_mapped,
+    AGENT_INBOUND_SOURCE_V4, CONN_MAP_SIZE, ConnKey, DELIVERY_MARK_BIT, Enrolled, FlowKey,
+    HOST_CONN_MAP_SIZE, IpKey, OrigDst, POD_MAP_SIZE, config, ip6_bytes, v4_mapped,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -94,7 +97,7 @@ fn capture(ctx: &SockAddrContext, orig: OrigDst) -> Result<bool, ()> {
     // SAFETY: sock_addr programs always have a non-null socket.
     let mark = unsafe { (*(*sa).__bindgen_anon_1.sk).mark };
     let agent_mark = setting(config::AGENT_MARK);
-    if agent_mark != 0 && mark == agent_mark {
+    if agent_mark != 0 && (mark & !DELIVERY_MARK_BIT) == agent_mark {
         return Ok(false);
     }
     // SAFETY: valid context pointer, helper allowed for cgroup_sock_addr.
@@ -232,36 +235,48 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         AF_INET6 => (ip6_bytes(w), ip6_bytes(rw)),
         _ => return 1,
     };
-    // The node's own connection to a captured pod: remembered until it
-    // closes (the state callback is asked for only on these sockets).
-    let host = HOST_NETNS.get(0).copied().unwrap_or(0);
-    if host != 0 && netns == host {
-        let flow = FlowKey {
-            src: ip,
-            dst: rip,
-            sport: port as u16,
-            // Network order in the upper half of the word.
-            dport: u32::from_be(rport) as u16,
-            _pad: [0; 4],
-        };
-        if op == BPF_SOCK_OPS_STATE_CB {
-            if new_state == BPF_TCP_CLOSE {
-                let _ = HOST_CONNS.remove(&flow);
-            }
-        } else {
-            // SAFETY: the value is only tested for presence.
-            let captured = unsafe { INBOUND_PODS.get(&IpKey { ip: rip }) }.is_some();
-            if captured {
-                if HOST_CONNS.insert(&flow, &1, 0).is_ok() {
-                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-                } else {
-                    warn!(&ctx, "cannot record a connection from the node to a pod");
-                }
-            }
+    let flow = FlowKey {
+        src: ip,
+        dst: rip,
+        sport: port as u16,
+        // Network order in the upper half of the word.
+        dport: u32::from_be(rport) as u16,
+        _pad: [0; 4],
+    };
+    // Asked for only on the sockets recorded below: forget them at close.
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if new_state == BPF_TCP_CLOSE {
+            let _ = HOST_CONNS.remove(&flow);
         }
         return 1;
     }
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    // The node's own connection to a captured pod, and the agent's
+    // connection to an application from its client's address: let through
+    // by inbound capture until they close.
+    let host = HOST_NETNS.get(0).copied().unwrap_or(0);
+    let from_node = host != 0 && netns == host;
+    let let_through = if from_node {
+        // SAFETY: the value is only tested for presence.
+        unsafe { INBOUND_PODS.get(&IpKey { ip: rip }) }.is_some()
+    } else {
+        let agent_mark = setting(config::AGENT_MARK);
+        // SAFETY: valid bpf_sock_ops; `sk` is a socket or null (5.3+).
+        let sk = unsafe { core::ptr::read_volatile(&(*ops).__bindgen_anon_2.sk) };
+        // SAFETY: checked non-null; `mark` is readable in a bpf_sock.
+        agent_mark != 0 && !sk.is_null() && unsafe { (*sk).mark } == agent_mark | DELIVERY_MARK_BIT
+    };
+    if let_through {
+        if HOST_CONNS.insert(&flow, &1, 0).is_ok() {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        } else {
+            warn!(
+                &ctx,
+                "cannot record a connection inbound capture lets through"
+            );
+        }
+        return 1;
+    }
+    if from_node {
         return 1;
     }
     // SAFETY: valid context pointer, helper allowed for sock_ops.
