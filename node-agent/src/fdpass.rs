@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    bind, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    bind, connect, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, Backlog,
     ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
@@ -39,6 +39,14 @@ pub fn listen_at(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listen(&fd, Backlog::new(backlog)?)?;
+    Ok(fd)
+}
+
+/// A `SOCK_SEQPACKET` socket connected to the listener at `path` (the
+/// error keeps its errno: `ENOENT`/`ECONNREFUSED` mean nobody listens).
+pub fn connect_to(path: &Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
     Ok(fd)
 }
 

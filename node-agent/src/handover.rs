@@ -28,12 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::socket::{
-    accept4, connect, getsockopt, shutdown, sockopt, Shutdown, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{accept4, getsockopt, shutdown, sockopt, Shutdown, SockFlag, SockType};
 
 use crate::capture::netns::netns_cookie;
-use crate::fdpass::{listen_at, recv, send, seqpacket, set_timeout};
+use crate::fdpass::{connect_to, listen_at, recv, send, set_timeout};
 
 /// Sockets per message (the kernel's SCM_MAX_FD is 253).
 pub use crate::fdpass::FDS_PER_MESSAGE;
@@ -156,13 +154,13 @@ pub fn take_over(path: &Path) -> Result<Inherited, HandoverError> {
         path: path.display().to_string(),
         source,
     };
-    let conn = seqpacket().map_err(err)?;
-    let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
-    match connect(conn.as_raw_fd(), &addr) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED) => return Ok(inherited),
-        Err(e) => return Err(err(e.into())),
-    }
+    let conn = match connect_to(path) {
+        Ok(conn) => conn,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)) => {
+            return Ok(inherited)
+        }
+        Err(e) => return Err(err(e)),
+    };
     set_timeout(&conn, STEP_TIMEOUT).map_err(err)?;
     send(&conn, b"TAKEOVER", &[]).map_err(err)?;
     let mut sockets = HashMap::new();

@@ -103,15 +103,50 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// A file as last seen (inode, size, modification time): the installed
+/// binary is compared byte for byte only when it or its source changed
+/// since the last check, not on every round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    ino: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            ino: m.ino(),
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
+    }
+}
+
+/// The source binary and the installed copy, when last found identical.
+pub type Verified = Option<(Stamp, Stamp)>;
+
 /// Install (or re-install) the plugin: `binary` into `dirs.bin`, the entry
 /// into the primary configuration. Returns whether anything changed.
-pub fn ensure(dirs: &Dirs, binary: &Path, config: &PluginConfig) -> Result<bool, InstallError> {
+/// `verified` carries what the previous call found over to the next.
+pub fn ensure(
+    dirs: &Dirs,
+    binary: &Path,
+    config: &PluginConfig,
+    verified: &mut Verified,
+) -> Result<bool, InstallError> {
     let mut changed = false;
     let target = dirs.bin.join(PLUGIN_TYPE);
-    let new = std::fs::read(binary).map_err(io_err(binary))?;
-    if std::fs::read(&target).ok().as_deref() != Some(&new[..]) {
-        write_atomic(&target, &new, 0o755)?;
-        changed = true;
+    let seen = Stamp::of(binary).zip(Stamp::of(&target));
+    if seen.is_none() || seen != *verified {
+        let new = std::fs::read(binary).map_err(io_err(binary))?;
+        if std::fs::read(&target).ok().as_deref() != Some(&new[..]) {
+            write_atomic(&target, &new, 0o755)?;
+            changed = true;
+        }
+        *verified = Stamp::of(binary).zip(Stamp::of(&target));
     }
     let Some(path) = primary(&dirs.conf)? else {
         return Err(InstallError::NoConfig {
@@ -231,8 +266,9 @@ mod tests {
         let dirs = scratch("disk");
         let binary = dirs.bin.parent().unwrap().join("plugin-src");
         std::fs::write(&binary, b"#!/bin/sh\n").unwrap();
+        let mut verified = None;
         assert!(matches!(
-            ensure(&dirs, &binary, &config()),
+            ensure(&dirs, &binary, &config(), &mut verified),
             Err(InstallError::NoConfig { .. })
         ));
         // The runtime reads the first file by name: that one is edited.
@@ -242,7 +278,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dirs.conf.join("99-other.conflist"), BRIDGE).unwrap();
-        assert!(ensure(&dirs, &binary, &config()).unwrap());
+        assert!(ensure(&dirs, &binary, &config(), &mut verified).unwrap());
         assert!(!dirs.conf.join("10-pods.conf").exists());
         let list: Value =
             serde_json::from_slice(&std::fs::read(dirs.conf.join("10-pods.conflist")).unwrap())
@@ -256,11 +292,25 @@ mod tests {
             std::fs::read(dirs.bin.join("sluice-cni")).unwrap(),
             b"#!/bin/sh\n"
         );
-        assert!(!ensure(&dirs, &binary, &config()).unwrap(), "already there");
+        assert!(
+            !ensure(&dirs, &binary, &config(), &mut verified).unwrap(),
+            "already there"
+        );
 
         // The network plugin rewrites its file: the entry comes back.
         std::fs::write(dirs.conf.join("10-pods.conflist"), BRIDGE).unwrap();
-        assert!(ensure(&dirs, &binary, &config()).unwrap());
+        assert!(ensure(&dirs, &binary, &config(), &mut verified).unwrap());
+        // Someone replaces the installed binary: it is put back.
+        std::fs::write(dirs.bin.join("sluice-cni"), b"#!/bin/sh\nexit 1\n").unwrap();
+        assert!(ensure(&dirs, &binary, &config(), &mut verified).unwrap());
+        assert_eq!(
+            std::fs::read(dirs.bin.join("sluice-cni")).unwrap(),
+            b"#!/bin/sh\n"
+        );
+        // A new release of the source: installed too.
+        std::fs::write(&binary, b"#!/bin/sh\n# v2\n").unwrap();
+        assert!(ensure(&dirs, &binary, &config(), &mut verified).unwrap());
+        assert!(!ensure(&dirs, &binary, &config(), &mut verified).unwrap());
 
         remove(&dirs).unwrap();
         let list: Value =

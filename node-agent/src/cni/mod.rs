@@ -60,17 +60,21 @@ impl PluginConfig {
 pub enum Request {
     /// A pod's sandbox got its network; the message carries the open
     /// network namespace.
-    Add {
-        namespace: String,
-        name: String,
-        /// Empty when the runtime does not pass `K8S_POD_UID`.
-        uid: String,
-        /// The namespace's path on the host (`CNI_NETNS`), a stable name.
-        netns: String,
-        ips: Vec<IpAddr>,
-    },
+    Add(PodAdded),
     /// The sandbox is being torn down.
     Del { namespace: String, name: String },
+}
+
+/// What the plugin tells of a pod whose sandbox got its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodAdded {
+    pub namespace: String,
+    pub name: String,
+    /// Empty when the runtime does not pass `K8S_POD_UID`.
+    pub uid: String,
+    /// The namespace's path on the host (`CNI_NETNS`), a stable name.
+    pub netns: String,
+    pub ips: Vec<IpAddr>,
 }
 
 /// The agent's answer.
@@ -140,13 +144,13 @@ mod tests {
 
     #[test]
     fn requests_and_replies_read_back() {
-        let r = Request::Add {
+        let r = Request::Add(PodAdded {
             namespace: "shop".into(),
             name: "late".into(),
             uid: "u-1".into(),
             netns: "/var/run/netns/cni-1".into(),
             ips: vec!["10.244.1.9".parse().unwrap()],
-        };
+        });
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains("\"command\":\"ADD\""), "{text}");
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);

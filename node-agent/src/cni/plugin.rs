@@ -9,10 +9,9 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use nix::sys::socket::{connect, UnixAddr};
 use serde_json::{json, Value};
 
-use super::{Cache, PluginConfig, Reply, Request};
+use super::{Cache, PluginConfig, PodAdded, Reply, Request};
 use crate::fdpass;
 
 /// The CNI versions this plugin speaks.
@@ -156,13 +155,13 @@ pub fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
             )
         }
     };
-    let request = Request::Add {
+    let request = Request::Add(PodAdded {
         namespace: namespace.clone(),
         name: name.clone(),
         uid: args.get("K8S_POD_UID").unwrap_or(&"").to_string(),
         netns: netns_path,
         ips: prev.as_ref().map(result_ips).unwrap_or_default(),
-    };
+    });
     match ask(&ours, &request, Some(&netns)) {
         Ok(Reply::Captured | Reply::Skipped) => pass(),
         Ok(Reply::Error { message }) => error(
@@ -203,10 +202,8 @@ fn ask(
     request: &Request,
     netns: Option<&std::fs::File>,
 ) -> std::io::Result<Reply> {
-    let sock = fdpass::seqpacket()?;
+    let sock = fdpass::connect_to(&conf.socket)?;
     fdpass::set_timeout(&sock, ANSWER_TIMEOUT)?;
-    let addr = UnixAddr::new(&conf.socket).map_err(std::io::Error::from)?;
-    connect(sock.as_raw_fd(), &addr)?;
     let fds: Vec<_> = netns.iter().map(|f| f.as_raw_fd()).collect();
     fdpass::send(
         &sock,
@@ -319,13 +316,7 @@ mod tests {
     fn the_agent_gets_the_pod_and_its_namespace() {
         let dir = scratch();
         // A fake agent on a SEQPACKET socket answering in turn.
-        let sock = fdpass::seqpacket().unwrap();
-        nix::sys::socket::bind(
-            sock.as_raw_fd(),
-            &UnixAddr::new(&dir.join("cni.sock")).unwrap(),
-        )
-        .unwrap();
-        nix::sys::socket::listen(&sock, nix::sys::socket::Backlog::new(4).unwrap()).unwrap();
+        let sock = fdpass::listen_at(&dir.join("cni.sock"), 4).unwrap();
         let agent = std::thread::spawn(move || {
             let mut seen = vec![];
             for reply in [
@@ -366,13 +357,13 @@ mod tests {
         assert_eq!(
             seen[0],
             (
-                Request::Add {
+                Request::Add(PodAdded {
                     namespace: "shop".into(),
                     name: "late".into(),
                     uid: "u-1".into(),
                     netns: "/proc/self/ns/net".into(),
                     ips: vec!["10.244.1.9".parse().unwrap()],
-                },
+                }),
                 1
             )
         );

@@ -16,7 +16,7 @@ use mesh_core::kube::translate::LocalPod;
 use nix::sys::socket::{accept4, SockFlag};
 use tokio::sync::Notify;
 
-use super::{Reply, Request, MAX_REQUEST};
+use super::{PodAdded, Reply, Request, MAX_REQUEST};
 use crate::capture::netns::Netns;
 use crate::{fdpass, lock, Ctx};
 
@@ -37,8 +37,9 @@ pub struct Registry {
     pods: Mutex<HashMap<(String, String), CniPod>>,
     /// Wakes the model's translation (see `follow_cluster`).
     pub changed: Arc<Notify>,
-    /// Set once the plugin is taken off the node: it stays off.
-    removed: Mutex<bool>,
+    /// Set once the plugin is taken off the node: it stays off. With it,
+    /// what the last check of the installed binary found.
+    removed: Mutex<(bool, super::install::Verified)>,
 }
 
 impl Registry {
@@ -69,17 +70,17 @@ impl Registry {
         binary: &Path,
         plugin: &super::PluginConfig,
     ) -> Result<bool, super::install::InstallError> {
-        let removed = lock(&self.removed);
+        let mut state = lock(&self.removed);
+        let (removed, verified) = &mut *state;
         if *removed {
             return Ok(false);
         }
-        super::install::ensure(dirs, binary, plugin)
+        super::install::ensure(dirs, binary, plugin, verified)
     }
 
     /// Take the plugin off the node for good.
     pub fn remove(&self, dirs: &super::install::Dirs) -> Result<(), super::install::InstallError> {
-        let mut removed = lock(&self.removed);
-        *removed = true;
+        lock(&self.removed).0 = true;
         super::install::remove(dirs)
     }
 
@@ -136,17 +137,11 @@ fn call(conn: OwnedFd, ctx: &Ctx, registry: &Registry) {
                 registry.forget(&namespace, &name);
                 Reply::Skipped
             }
-            Ok(Request::Add {
-                namespace,
-                name,
-                uid,
-                netns,
-                ips,
-            }) => match fds.into_iter().next() {
+            Ok(Request::Add(pod)) => match fds.into_iter().next() {
                 None => Reply::Error {
                     message: "no network namespace descriptor".into(),
                 },
-                Some(fd) => add(ctx, registry, namespace, name, uid, netns, ips, fd),
+                Some(fd) => add(ctx, registry, pod, fd),
             },
         },
     };
@@ -155,17 +150,16 @@ fn call(conn: OwnedFd, ctx: &Ctx, registry: &Registry) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn add(
-    ctx: &Ctx,
-    registry: &Registry,
-    namespace: String,
-    name: String,
-    uid: String,
-    path: String,
-    ips: Vec<IpAddr>,
-    fd: OwnedFd,
-) -> Reply {
+/// Register the pod's namespace (open at `fd`) and answer once the pod is
+/// enrolled, found outside the mesh, or the wait is over.
+fn add(ctx: &Ctx, registry: &Registry, pod: PodAdded, fd: OwnedFd) -> Reply {
+    let PodAdded {
+        namespace,
+        name,
+        uid,
+        netns: path,
+        ips,
+    } = pod;
     let netns = match Netns::from_file(std::fs::File::from(fd), &path) {
         Ok(n) => Arc::new(n),
         Err(e) => {
