@@ -1,8 +1,10 @@
 //! What happens to an inbound HBONE connection: the agent presents the
 //! certificate of the workload the client dialled (chosen by the local
 //! address — there is no SNI), requires a client certificate of the trust
-//! domain, and for each CONNECT stream checks that the target is that
-//! workload, connects to the application and splices the bytes.
+//! domain, and for each CONNECT stream has [`plan`] place it (is the target
+//! that workload, who is the source), asks policy, connects to the
+//! application and splices the bytes. Plaintext steered to the inbound
+//! listener takes the same path without the tunnel.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::authz;
 use crate::telemetry::{ConnLog, ConnTelemetry};
 use crate::Ctx;
+
+pub mod plan;
 
 /// Accept HBONE connections for one workload until aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
@@ -122,68 +126,30 @@ async fn handle_stream(
 ) {
     let model = ctx.model();
     let target = stream.target;
-    // The tunnel may only reach the workload whose identity was presented.
-    let dst = match (
-        model.workload_by_ip(target.ip()),
-        model.workload_by_ip(local.ip()),
-    ) {
-        (Some(t), Some(l)) if std::ptr::eq(t, l) => t,
-        _ => {
-            tracing::warn!(src = %peer, src.identity = %peer_id, %target, "HBONE target is not the dialled workload");
-            ctx.metrics.refuse("inbound", "wrong_destination");
-            return stream.reject(StatusCode::BAD_REQUEST);
+    let tunnelled = plan::Tunnelled {
+        peer,
+        local,
+        peer_id: &peer_id,
+        target,
+        forwarded: stream.header("forwarded"),
+    };
+    let plan = match plan::tunnelled(&model, &tunnelled) {
+        Ok(p) => p,
+        Err(refusal) => {
+            tracing::warn!(src = %peer, src.identity = %peer_id, %target, reason = refusal.reason(), "{refusal}");
+            ctx.metrics.refuse("inbound", refusal.reason());
+            return stream.reject(refusal.status());
         }
     };
+    let (dst, src, checked) = (plan.destination, plan.source, plan.checked);
     let dst_id = model.identity(dst);
-    // The source workload, when the forwarded address belongs to a workload
-    // with the identity the client proved.
-    let src_ip = stream
-        .header("forwarded")
-        .and_then(|f| f.strip_prefix("for="))
-        .map(|ip| {
-            ip.trim_matches('"')
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-        })
-        .and_then(|ip| ip.parse().ok());
-    let forwarded_src = src_ip
-        .and_then(|ip| model.workload_by_ip(ip))
-        .filter(|w| model.identity(w) == peer_id);
-    // For telemetry, a proxy in between (a waypoint) is the source when the
-    // forwarded client is not the identity that connected.
-    let src = forwarded_src.or_else(|| {
-        model
-            .workload_by_ip(peer.ip())
-            .filter(|w| model.identity(w) == peer_id)
-    });
-    // Policy sees the client's pod address when the forwarded one is
-    // consistent with the proven identity, else where the tunnel came from.
-    let checked = authz::Checked {
-        source_identity: Some(peer_id.clone()),
-        source: match (forwarded_src, src_ip) {
-            (Some(_), Some(ip)) => SocketAddr::new(ip, 0),
-            _ => peer,
-        },
-        destination: target,
-    };
     let trace = (
         stream.header("traceparent").map(str::to_string),
         stream.header("baggage").map(str::to_string),
     );
-    // A workload behind a waypoint only takes tunnels from that waypoint:
-    // anything else would skip its L7 policy.
-    if let Some(waypoint) = model.workload_waypoint(dst) {
-        let from_waypoint = waypoint.is_some_and(|g| model.is_waypoint_identity(g, &peer_id));
-        if !from_waypoint {
-            tracing::warn!(src = %peer, src.identity = %peer_id, %target, "HBONE bypasses the destination's waypoint");
-            ctx.metrics.refuse("inbound", "waypoint_bypassed");
-            return stream.reject(StatusCode::UNAUTHORIZED);
-        }
-    }
     let Ok(outcome) = authz::admit(&ctx.metrics, &model, &checked) else {
         return stream.reject(StatusCode::UNAUTHORIZED);
     };
-
     let net = ctx
         .pod_net(target.ip())
         .unwrap_or(crate::podnet::PodNet::Host);
@@ -229,7 +195,7 @@ async fn handle_stream(
     );
     let log = ConnLog {
         direction: "inbound",
-        src: src_ip.map(|ip| SocketAddr::new(ip, 0)).unwrap_or(peer),
+        src: plan.client,
         dst: target,
         src_identity: Some(peer_id.to_string()),
         dst_identity: Some(dst_id.to_string()),
@@ -270,24 +236,23 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     let _ = tcp.set_nodelay(true);
     let Ok(target) = tcp.local_addr() else { return };
     let model = ctx.model();
-    let (Some(dst), Some(net)) = (model.workload_by_ip(target.ip()), ctx.pod_net(target.ip()))
-    else {
-        ctx.metrics.refuse("inbound", "unknown_destination");
-        return reset_tcp(&tcp);
+    let placed = plan::plaintext(&model, peer, target).and_then(|p| {
+        let net = ctx
+            .pod_net(target.ip())
+            .ok_or(plan::Refusal::UnknownDestination(target))?;
+        Ok((p, net))
+    });
+    let (plan, net) = match placed {
+        Ok(placed) => placed,
+        Err(refusal) => {
+            if let plan::Refusal::WaypointBypassed(_) = refusal {
+                tracing::warn!(src = %peer, %target, "plaintext bypasses the destination's waypoint");
+            }
+            ctx.metrics.refuse("inbound", refusal.reason());
+            return reset_tcp(&tcp);
+        }
     };
-    // No identity: STRICT PeerAuthentication refuses it, then
-    // AuthorizationPolicy decides as for any unauthenticated source.
-    let checked = authz::Checked {
-        source_identity: None,
-        source: peer,
-        destination: target,
-    };
-    // Plaintext cannot come from the waypoint: it would skip its L7 policy.
-    if model.workload_waypoint(dst).is_some() {
-        tracing::warn!(src = %peer, %target, "plaintext bypasses the destination's waypoint");
-        ctx.metrics.refuse("inbound", "waypoint_bypassed");
-        return reset_tcp(&tcp);
-    }
+    let (dst, src, checked) = (plan.destination, plan.source, plan.checked);
     let Ok(outcome) = authz::admit(&ctx.metrics, &model, &checked) else {
         return reset_tcp(&tcp);
     };
@@ -305,7 +270,6 @@ async fn handle_plaintext(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     };
     let _ = app.set_nodelay(true);
     let dst_id = model.identity(dst);
-    let src = model.workload_by_ip(peer.ip());
     let labels = TcpLabels::new(
         &model,
         Reporter::Destination,

@@ -1,22 +1,25 @@
 //! What happens to an outbound connection: a captured TCP connection from a
-//! local workload is matched to its original destination, resolved in the
-//! mesh model (workload IP or service VIP → endpoint), and tunnelled over
-//! HBONE to the destination's agent — or to the destination's waypoint
-//! when it has one, or, for destinations outside the mesh, passed through. A connection the agent cannot place is reset, never sent
-//! somewhere guessed.
+//! local workload is matched to its original destination, placed by
+//! [`plan`] (HBONE to the destination's agent or its waypoint, or plaintext
+//! for destinations outside the mesh), and carried out here: dialled,
+//! spliced, counted and logged. A connection the agent cannot place is
+//! reset, never sent somewhere guessed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue};
 use mesh_core::hbone::splice::reset_tcp;
 use mesh_core::hbone::{ConnectRequest, Origin};
 use mesh_core::metrics::{Peer, Reporter, TcpLabels};
-use mesh_core::model::{Destination, MeshModel, Workload};
+use mesh_core::model::{MeshModel, Workload};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::telemetry::{ConnLog, ConnTelemetry};
 use crate::Ctx;
+
+pub mod plan;
+
+use plan::Plan;
 
 /// Accept captured connections of the workload with IP `src_ip` until
 /// aborted. Its tunnels and passthrough connections are dialled from
@@ -53,127 +56,45 @@ async fn handle(
             &"destination not recorded by capture",
         );
     };
-    let Ok(listener_addr) = tcp.local_addr() else {
+    let Ok(listener) = tcp.local_addr() else {
         return;
     };
-    if dst.port() == ctx.cfg.outbound_port && dst.ip() == listener_addr.ip() {
-        return refuse(tcp, "loop", &dst);
-    }
     let model = ctx.model();
-    let Some(src) = model.workload_by_ip(src_ip) else {
-        return refuse(tcp, "unknown_source", &src_ip);
+    let settings = plan::Settings {
+        outbound_port: ctx.cfg.outbound_port,
+        hbone_port: ctx.cfg.hbone_port,
+        policy: ctx.cfg.outbound_traffic_policy,
     };
-    let (service, waypoint) = match model.destination(dst) {
-        Destination::External
-            if ctx.cfg.outbound_traffic_policy == crate::OutboundTrafficPolicy::RegistryOnly =>
-        {
-            return refuse(tcp, "egress_blocked", &dst)
-        }
-        Destination::External => {
-            return passthrough(
-                tcp,
-                peer,
-                dst,
-                &model,
-                Client {
-                    workload: src,
-                    origin: origin.as_ref(),
-                },
-                None,
-                &ctx,
-            )
-            .await
-        }
-        Destination::Service(svc, _) => (Some(svc), model.service_waypoint(svc)),
-        Destination::Workload(w) => (None, model.workload_waypoint(w)),
+    let captured = plan::Captured {
+        src_ip,
+        peer,
+        listener,
+        dst,
     };
-    // Traffic for a destination with a waypoint goes to the waypoint, with
-    // the original destination as the tunnel's authority — unless it comes
-    // from that waypoint (never loop through it twice).
-    let waypoint = match waypoint {
-        Some(Some(gw)) if !model.waypoint_workloads(gw).any(|w| std::ptr::eq(w, src)) => {
-            match model.pick_waypoint_workload(gw) {
-                Some(w) => Some(w),
-                None => {
-                    return refuse(
-                        tcp,
-                        "waypoint_unavailable",
-                        &format!(
-                            "waypoint {}/{} has no pods",
-                            gw.metadata.namespace, gw.metadata.name
-                        ),
-                    )
-                }
-            }
-        }
-        // A waypoint is asked for but does not exist: refusing is safer
-        // than skipping the L7 policy it would enforce.
-        Some(None) => return refuse(tcp, "waypoint_missing", &dst),
-        _ => None,
-    };
-    let ep = match waypoint {
-        Some(w) => {
-            let ip = w
-                .ips
-                .iter()
-                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-                .or_else(|| w.ips.first())
-                .copied();
-            let Some(ip) = ip else {
-                return refuse(tcp, "waypoint_unavailable", &dst);
-            };
-            mesh_core::model::Endpoint {
-                workload: w,
-                // The HBONE address is the waypoint's; the authority stays
-                // what the client dialled.
-                addr: SocketAddr::new(ip, dst.port()),
-                service,
-            }
-        }
-        None => match model.pick_endpoint(dst) {
-            Some(ep) => ep,
-            None => return refuse(tcp, "no_endpoints", &dst),
-        },
-    };
-    if waypoint.is_none() && !model.is_enrolled(ep.workload) {
-        // Istio sends plaintext to destinations that are not in the mesh.
-        return passthrough(
-            tcp,
-            peer,
-            ep.addr,
-            &model,
-            Client {
-                workload: src,
+    let tunnel = match plan::plan(&model, &settings, &captured) {
+        Err(refusal) => return refuse(tcp, refusal.reason(), &refusal),
+        Ok(Plan::Passthrough {
+            source,
+            dst,
+            workload,
+        }) => {
+            let client = Client {
+                workload: source,
                 origin: origin.as_ref(),
-            },
-            Some(ep.workload),
-            &ctx,
-        )
-        .await;
-    }
-    let authority = if waypoint.is_some() { dst } else { ep.addr };
+            };
+            return passthrough(tcp, peer, dst, &model, client, workload, &ctx).await;
+        }
+        Ok(Plan::Tunnel(t)) => t,
+    };
+    let (src, ep) = (tunnel.source, &tunnel.endpoint);
     let src_id = model.identity(src);
     let dst_id = model.identity(ep.workload);
-    let mut headers = HeaderMap::new();
-    // The client's address: its pod IP (a captured connection arrives from
-    // the pod's loopback).
-    let client = if peer.ip().is_loopback() {
-        SocketAddr::new(src_ip, peer.port())
-    } else {
-        peer
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!("for={}", forwarded_ip(client))) {
-        headers.insert("forwarded", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&baggage(src)) {
-        headers.insert("baggage", v);
-    }
     let req = ConnectRequest {
         source: src_id.clone(),
         destination_identity: dst_id.clone(),
-        hbone_addr: SocketAddr::new(ep.addr.ip(), ctx.cfg.hbone_port),
-        authority,
-        headers,
+        hbone_addr: tunnel.hbone_addr,
+        authority: tunnel.authority,
+        headers: tunnel.headers.clone(),
         origin: origin.clone(),
     };
     let stream = match ctx.connector.connect(&req).await {
@@ -191,7 +112,7 @@ async fn handle(
             workload: Some(ep.workload),
             identity: Some(&dst_id),
         },
-        service,
+        ep.service,
         true,
     );
     let log = ConnLog {
@@ -203,7 +124,7 @@ async fn handle(
         src_workload: Some(format!("{}/{}", src.namespace, src.name)),
         dst_workload: Some(format!("{}/{}", ep.workload.namespace, ep.workload.name)),
         mtls: true,
-        policy: if waypoint.is_some() {
+        policy: if tunnel.via_waypoint {
             "via waypoint; enforced there and at the destination".into()
         } else {
             "enforced at the destination".into()
@@ -284,26 +205,4 @@ async fn passthrough(
     let t = ConnTelemetry::open(&ctx.metrics, labels, log);
     let result = mesh_core::hbone::splice::copy_tcp(tcp, upstream, &t.bytes).await;
     t.close(result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
-}
-
-/// RFC 7239 wants IPv6 addresses quoted and bracketed.
-fn forwarded_ip(peer: SocketAddr) -> String {
-    match peer {
-        SocketAddr::V4(a) => a.ip().to_string(),
-        SocketAddr::V6(a) => format!("\"[{}]\"", a.ip()),
-    }
-}
-
-/// W3C baggage describing the source workload, as ztunnel sends it.
-fn baggage(w: &Workload) -> String {
-    let mut parts = vec![
-        "k8s.cluster.name=Kubernetes".to_string(),
-        format!("k8s.namespace.name={}", w.namespace),
-        format!("k8s.pod.name={}", w.name),
-        format!("service.name={}", w.canonical_name()),
-    ];
-    if let Some(v) = w.labels.get("version") {
-        parts.push(format!("service.version={v}"));
-    }
-    parts.join(",")
 }
