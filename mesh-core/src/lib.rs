@@ -2,6 +2,7 @@
 //! workload identities and certificates, HBONE (HTTP/2 CONNECT over mutual
 //! TLS) with its connection pool, Istio-compatible metrics, and the model's
 //! two sources: the mesh file and a Kubernetes cluster.
+#![forbid(unsafe_code)]
 
 pub mod analyze;
 pub mod grpc;

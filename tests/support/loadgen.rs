@@ -157,6 +157,8 @@ pub fn fixed_rate(
                 enter(&pod);
                 // Sleep precisely: the default 50 µs timer slack would add
                 // itself to every send time.
+                // SAFETY: PR_SET_TIMERSLACK takes integer arguments only and
+                // affects this thread alone.
                 unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
                 let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
                 let (mut errors, mut sent) = (0u64, 0u64);
@@ -454,6 +456,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the whole line.
+    // SAFETY: sysconf reads a constant of the system; no pointers.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz
 }

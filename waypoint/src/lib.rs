@@ -9,6 +9,7 @@
 //! limits, faults, retries; [`extauthz`] for `CUSTOM` policies) →
 //! [`balancer`] → [`upstream`] (tunnels out);
 //! [`telemetry`] and the admin endpoint on the side.
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod balancer;

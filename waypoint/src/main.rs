@@ -1,5 +1,6 @@
 //! `sluice-waypoint`: the waypoint binary. Parses flags/environment into a
 //! [`WaypointConfig`], sets up logging, and runs until SIGINT/SIGTERM.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -11,10 +11,11 @@
 //! - `bench`: the per-node cost benchmark (release build), report under
 //!   `target/bench/`.
 //! - `soak`: a long run under load whose proxies' memory must stay flat.
-//! - `fuzz`: every fuzz target in `mesh-core/fuzz` for a fixed time each
+//! - `fuzz`: every fuzz target in `fuzz/` for a fixed time each
 //!   (nightly toolchain and cargo-fuzz; not part of `test`).
 //! - `test`: all of the above but `fuzz`, then formatting, lints and every
 //!   test.
+#![forbid(unsafe_code)]
 
 use std::process::Command;
 
@@ -57,7 +58,7 @@ enum Task {
     },
     /// Run the fuzz targets (all, or those named) for a fixed time each
     /// with their seed corpus; a crash stops the run and is kept under
-    /// mesh-core/fuzz/artifacts. Needs the nightly toolchain; installs
+    /// fuzz/artifacts. Needs the nightly toolchain; installs
     /// cargo-fuzz if missing.
     Fuzz {
         /// Seconds per target.
@@ -260,7 +261,7 @@ fn run_release_program(root: &std::path::Path, bin: &str, args: &[&str]) -> Resu
         .args(args))
 }
 
-/// The fuzz targets of `mesh-core/fuzz` (one per parser or decoder that
+/// The fuzz targets of `fuzz/` (one per parser or decoder that
 /// takes outside input).
 const FUZZ_TARGETS: &[&str] = &[
     "mesh_file",
@@ -303,9 +304,9 @@ fn fuzz(root: &std::path::Path, seconds: u64, targets: &[String]) -> Result<()> 
         // are only read.
         let scratch = root.join("target/fuzz-corpus").join(t);
         std::fs::create_dir_all(&scratch)?;
-        let seeds = root.join("mesh-core/fuzz/corpus").join(t);
+        let seeds = root.join("fuzz/corpus").join(t);
         let mut cmd = Command::new("rustup");
-        cmd.current_dir(root.join("mesh-core"))
+        cmd.current_dir(root)
             .args(["run", "nightly", "cargo", "fuzz", "run", t])
             .arg(&scratch)
             .arg(&seeds)

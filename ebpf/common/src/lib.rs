@@ -142,11 +142,16 @@ pub fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all types are repr(C), Copy, contain only integers and
+    // All these types are repr(C), Copy, and contain only integers and
     // explicit padding fields, so every bit pattern is valid.
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Enrolled {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::IpKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
 }

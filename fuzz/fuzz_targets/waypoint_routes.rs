@@ -51,7 +51,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = query_pairs(input.query).count();
     for svc in &model.services {
         for port in &svc.ports {
-            let Ok(table) = RouteTable::build(&model, svc, port.port) else {
+            // Callers of the service's own namespace (routes bound there).
+            let Ok(table) = RouteTable::build(&model, svc, port.port, &svc.namespace) else {
                 continue;
             };
             if let Some(routed) = table.find(&method, input.path, input.query, &headers) {
