@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use mesh_core::identity::ca::CaSource;
+use mesh_core::identity::CaSource;
 use sluice_tests::*;
 use tokio::net::TcpListener;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_core::hbone::HboneSettings;
 
-pub use mesh_core::identity::ca::CaSource;
+pub use mesh_core::identity::CaSource;
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]

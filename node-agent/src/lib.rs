@@ -55,7 +55,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("Kubernetes: {0}")]
-    Kube(String),
+    Kube(#[from] mesh_core::kube::KubeError),
     #[error("eBPF capture: {0}")]
     Capture(#[from] capture::CaptureError),
     #[error("network namespace {name}: {source}")]

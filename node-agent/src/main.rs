@@ -587,12 +587,8 @@ fn serve_ca(a: ServeArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
-        let client = mesh_core::kube::client(a.kubeconfig.as_deref())
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let server = mesh_core::kube::ca::start(client, &cfg)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let client = mesh_core::kube::client(a.kubeconfig.as_deref()).await?;
+        let server = mesh_core::kube::ca::start(client, &cfg).await?;
         tracing::info!(addr = %server.addr, "certificate service ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_core::hbone::{HboneConnector, HboneSettings, HBONE_PORT};
-use mesh_core::identity::ca::CaSource;
+use mesh_core::identity::CaSource;
 use mesh_core::identity::{CertificateStore, SpiffeId};
 use mesh_core::model::{MeshModel, ModelError, Service};
 use prometheus_client::registry::Registry;
@@ -128,7 +128,7 @@ pub enum WaypointError {
     #[error("certificates: {0}")]
     Certs(#[from] mesh_core::identity::certs::CertError),
     #[error("Kubernetes: {0}")]
-    Kube(String),
+    Kube(#[from] mesh_core::kube::KubeError),
     #[error("tracing: {0}")]
     Otlp(String),
     #[error("cannot listen on {addr}: {source}")]

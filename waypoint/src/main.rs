@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use mesh_core::identity::ca::CaSource;
+use mesh_core::identity::CaSource;
 use waypoint::WaypointConfig;
 
 #[derive(Parser)]

@@ -5,9 +5,11 @@
 pub mod ca;
 pub mod caservice;
 pub mod certs;
+pub mod source;
 pub mod spiffe;
 pub mod verify;
 
 pub use ca::{CaError, CertificateAuthority};
 pub use certs::{CertificateSigner, CertificateStore, LocalSigner, WorkloadCert};
+pub use source::CaSource;
 pub use spiffe::{SpiffeId, SpiffeIdError};

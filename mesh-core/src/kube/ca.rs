@@ -22,6 +22,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
 use crate::identity::caservice::{AuthorizeFuture, CaService, CallerAuthorizer, Refusal};
 use crate::identity::{CertificateAuthority, SpiffeId};
+use crate::kube::KubeError;
 
 /// TokenReview `extra` keys of a pod-bound token.
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -173,23 +174,30 @@ pub async fn load_or_create_root(
     namespace: &str,
     name: &str,
     trust_domain: &str,
-) -> Result<CertificateAuthority, String> {
+) -> Result<CertificateAuthority, KubeError> {
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
-    let from_secret = |s: Secret| -> Result<CertificateAuthority, String> {
+    let invalid = |reason: String| KubeError::Invalid {
+        what: format!("Secret {namespace}/{name}"),
+        reason,
+    };
+    let from_secret = |s: Secret| -> Result<CertificateAuthority, KubeError> {
         let data = s.data.unwrap_or_default();
         let text = |k: &str| {
             data.get(k)
                 .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                .ok_or_else(|| format!("Secret {namespace}/{name} has no key {k:?}"))
+                .ok_or_else(|| invalid(format!("no key {k:?}")))
         };
         CertificateAuthority::from_pem(trust_domain, &text(SECRET_CERT)?, &text(SECRET_KEY)?)
-            .map_err(|e| format!("Secret {namespace}/{name}: {e}"))
+            .map_err(|e| invalid(e.to_string()))
     };
-    let read_err = |e: kube::Error| format!("reading Secret {namespace}/{name}: {e}");
-    if let Some(s) = api.get_opt(name).await.map_err(read_err)? {
+    let read_err = || KubeError::api(format!("reading Secret {namespace}/{name}"));
+    if let Some(s) = api.get_opt(name).await.map_err(read_err())? {
         return from_secret(s);
     }
-    let ca = CertificateAuthority::generate(trust_domain).map_err(|e| e.to_string())?;
+    let ca = CertificateAuthority::generate(trust_domain).map_err(|e| KubeError::Invalid {
+        what: "a new root".into(),
+        reason: e.to_string(),
+    })?;
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.to_string()),
@@ -219,10 +227,12 @@ pub async fn load_or_create_root(
             Ok(ca)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
-            let s = api.get(name).await.map_err(read_err)?;
+            let s = api.get(name).await.map_err(read_err())?;
             from_secret(s)
         }
-        Err(e) => Err(format!("creating Secret {namespace}/{name}: {e}")),
+        Err(e) => Err(KubeError::api(format!(
+            "creating Secret {namespace}/{name}"
+        ))(e)),
     }
 }
 
@@ -233,7 +243,7 @@ pub async fn publish_root(
     namespace: &str,
     name: &str,
     root_pem: &str,
-) -> Result<(), String> {
+) -> Result<(), KubeError> {
     let cm = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -248,7 +258,9 @@ pub async fn publish_root(
             &Patch::Apply(&cm),
         )
         .await
-        .map_err(|e| format!("publishing ConfigMap {namespace}/{name}: {e}"))?;
+        .map_err(KubeError::api(format!(
+            "publishing ConfigMap {namespace}/{name}"
+        )))?;
     Ok(())
 }
 
@@ -315,7 +327,7 @@ impl Drop for CaServer {
 }
 
 /// Load (or create) the root, publish it, and serve.
-pub async fn start(client: kube::Client, cfg: &CaServerConfig) -> Result<CaServer, String> {
+pub async fn start(client: kube::Client, cfg: &CaServerConfig) -> Result<CaServer, KubeError> {
     let ca = load_or_create_root(&client, &cfg.namespace, &cfg.secret, &cfg.trust_domain).await?;
     publish_root(&client, &cfg.namespace, &cfg.root_configmap, ca.root_pem()).await?;
     let everywhere = tokio::spawn(publish_root_everywhere(
@@ -332,11 +344,18 @@ pub async fn start(client: kube::Client, cfg: &CaServerConfig) -> Result<CaServe
     let service = CaService::new(Arc::new(ca), Arc::new(authorizer), cfg.max_ttl);
     let tls = service
         .tls_config(cfg.dns_names.clone())
-        .map_err(|e| format!("TLS certificate of the service: {e}"))?;
+        .map_err(|e| KubeError::Invalid {
+            what: "the service's TLS certificate".into(),
+            reason: e.to_string(),
+        })?;
+    let bind_err = |source| KubeError::Io {
+        what: format!("binding {}", cfg.listen),
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| format!("binding {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
     let task = tokio::spawn(service.clone().serve(listener, tls));
     tracing::info!(%addr, "certificate service listening");
     Ok(CaServer {
