@@ -1,6 +1,7 @@
-//! Tunnels into the waypoint: mutual TLS with the waypoint's certificate
-//! (client certificates of the trust domain required — the client's
-//! identity is the source pod's, presented by its node agent), then HBONE.
+//! Tunnels into the waypoint: the shared HBONE listener
+//! ([`mesh_core::hbone::listener`]) with the waypoint's certificate (client
+//! certificates of the trust domain required — the client's identity is the
+//! source pod's, presented by its node agent).
 //! Each CONNECT must name a service that uses this waypoint; the stream is
 //! then served as HTTP/1.1 or HTTP/2 (detected from the preface) with
 //! header-size and header-time limits, one task per tunnel.
@@ -13,102 +14,51 @@ use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use mesh_core::hbone::splice::reset_tcp;
-use mesh_core::hbone::{server, H2Io, InboundStream};
-use mesh_core::identity::verify::spiffe_id_of;
+use mesh_core::hbone::listener::{self, Tunnel};
+use mesh_core::hbone::{H2Io, InboundStream};
 use mesh_core::identity::SpiffeId;
 use mesh_core::model::Destination;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::proxy::{self, ConnCtx};
 use crate::Ctx;
 
-/// Accept HBONE connections until aborted; each takes a connection slot or
-/// is reset at once.
+/// Accept HBONE connections until aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => match ctx.slots.connection() {
-                Some(slot) => {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        handle_connection(tcp, peer, ctx).await;
-                        drop(slot);
-                    });
-                }
-                None => {
-                    refused(&ctx, "connection_limit");
-                    reset_tcp(&tcp);
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "waypoint accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    let c = ctx.clone();
+    listener::serve(listener, ctx, move |t| handle_stream(t, c.clone())).await
+}
+
+/// The waypoint behind its HBONE listener: its own certificate whatever
+/// was dialled.
+impl listener::Host for Ctx {
+    fn limiter(&self) -> &mesh_core::limits::Limiter {
+        &self.slots
     }
-}
 
-/// Count and log (at most once a second) a refusal at a limit.
-fn refused(ctx: &Ctx, reason: &'static str) {
-    ctx.metrics.refuse(reason);
-    ctx.slots.log_refusal("inbound", reason);
-}
+    fn hbone_settings(&self) -> &mesh_core::hbone::HboneSettings {
+        &self.cfg.hbone
+    }
 
-async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
-    let _ = tcp.set_nodelay(true);
-    let Ok(cert) = ctx.certs.get(&ctx.identity).await else {
-        return;
-    };
-    let Some(handshake) = ctx.slots.handshake() else {
-        refused(&ctx, "handshake_limit");
-        return reset_tcp(&tcp);
-    };
-    let accept = tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(tcp);
-    let tls = tokio::time::timeout(ctx.cfg.handshake_timeout, accept).await;
-    drop(handshake);
-    let tls = match tls {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::warn!(src = %peer, error = %e, "waypoint: TLS handshake refused");
-            ctx.metrics.refuse("tls_handshake_failed");
-            return;
-        }
-        Err(_) => {
-            ctx.metrics.refuse("tls_handshake_timeout");
-            return;
-        }
-    };
-    let Some(Ok(peer_id)) = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(spiffe_id_of)
-    else {
-        ctx.metrics.refuse("no_peer_identity");
-        return;
-    };
-    let settings = ctx.cfg.hbone.clone();
-    let ctx2 = ctx.clone();
-    let shutdown = ctx.shutdown_begun();
-    let result = server::serve_connection_until(tls, &settings, shutdown, move |stream| {
-        // Each tunnel is a connection of its own for the limits.
-        let slot = ctx2.slots.connection();
-        let ctx = ctx2.clone();
-        let peer_id = peer_id.clone();
-        async move {
-            let Some(slot) = slot else {
-                refused(&ctx, "connection_limit");
-                return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
-            };
-            handle_stream(stream, ctx, peer, peer_id).await;
-            drop(slot);
-        }
-    })
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(src = %peer, error = %e, "waypoint HBONE connection ended with an error");
+    fn handshake_timeout(&self) -> Duration {
+        self.cfg.handshake_timeout
+    }
+
+    fn refuse(&self, reason: &'static str) {
+        self.metrics.refuse(reason);
+    }
+
+    fn refuses_new_work(&self) -> bool {
+        self.is_shutting_down()
+    }
+
+    fn shutdown_begun(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        Ctx::shutdown_begun(self)
+    }
+
+    async fn server_config(&self, _local: SocketAddr) -> Option<Arc<rustls::ServerConfig>> {
+        let cert = self.certs.get(&self.identity).await.ok()?;
+        Some(cert.server_config())
     }
 }
 
@@ -122,13 +72,7 @@ fn source_ip(
 ) -> IpAddr {
     stream
         .header("forwarded")
-        .and_then(|f| f.strip_prefix("for="))
-        .map(|ip| {
-            ip.trim_matches('"')
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-        })
-        .and_then(|ip| ip.parse::<IpAddr>().ok())
+        .and_then(mesh_core::hbone::forwarded::client)
         .filter(|ip| {
             model
                 .workload_by_ip(*ip)
@@ -137,7 +81,13 @@ fn source_ip(
         .unwrap_or(peer.ip())
 }
 
-async fn handle_stream(stream: InboundStream, ctx: Arc<Ctx>, peer: SocketAddr, peer_id: SpiffeId) {
+async fn handle_stream(tunnel: Tunnel, ctx: Arc<Ctx>) {
+    let Tunnel {
+        stream,
+        peer,
+        peer_id,
+        ..
+    } = tunnel;
     let model = ctx.model();
     let target = stream.target;
     let (svc, port) = match model.destination(target) {

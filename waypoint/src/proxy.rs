@@ -661,10 +661,7 @@ pub(crate) async fn send_once(
     let w = &model.workloads[picked.workload];
     let identity = model.identity(w);
     let mut connect_headers = HeaderMap::new();
-    let fwd = match conn.source_ip {
-        IpAddr::V4(ip) => format!("for={ip}"),
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
-    };
+    let fwd = mesh_core::hbone::forwarded::for_client(conn.source_ip);
     if let Ok(v) = HeaderValue::from_str(&fwd) {
         connect_headers.insert("forwarded", v);
     }

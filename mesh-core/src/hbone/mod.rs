@@ -9,7 +9,9 @@
 //! - [`pool`] opens CONNECT streams, multiplexing many over one TLS
 //!   connection per (source identity, destination identity, address).
 
+pub mod forwarded;
 pub mod io;
+pub mod listener;
 pub mod pool;
 pub mod server;
 pub mod splice;

@@ -10,10 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
+use mesh_core::hbone::listener::{self, Tunnel};
 use mesh_core::hbone::splice::reset_tcp;
-use mesh_core::hbone::{server, InboundStream};
-use mesh_core::identity::verify::spiffe_id_of;
-use mesh_core::identity::SpiffeId;
 use mesh_core::metrics::{Peer, Reporter, TcpLabels};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -25,105 +23,58 @@ pub mod plan;
 
 /// Accept HBONE connections for one workload until aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    crate::limits::accept_loop(
-        listener,
-        ctx,
-        "inbound",
-        crate::limits::nothing,
-        handle_connection,
-    )
-    .await
+    let c = ctx.clone();
+    listener::serve(listener, ctx, move |t| handle_stream(t, c.clone())).await
 }
 
-async fn handle_connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
-    let _ = tcp.set_nodelay(true);
-    let Ok(local) = tcp.local_addr() else { return };
-    let identity = {
-        let model = ctx.model();
-        match model.workload_by_ip(local.ip()) {
-            Some(w) => model.identity(w),
-            None => {
-                ctx.metrics.refuse("inbound", "unknown_destination");
-                return;
-            }
-        }
-    };
-    // Held (not refused) until the certificate exists.
-    let Ok(cert) = ctx.certs.get(&identity).await else {
-        return;
-    };
-    // Handshakes in progress are bounded apart from connections: they are
-    // what a peer that never finishes (slowloris) or a flood holds.
-    let Some(handshake) = ctx.limiter.handshake() else {
-        crate::limits::refused(&ctx, "inbound", "handshake_limit");
-        return reset_tcp(&tcp);
-    };
-    let accept = tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(tcp);
-    let tls = tokio::time::timeout(ctx.cfg.handshake_timeout, accept).await;
-    drop(handshake);
-    let tls = match tls {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::warn!(direction = "inbound", src = %peer, dst = %local, error = %e, "TLS handshake refused");
-            ctx.metrics.refuse("inbound", "tls_handshake_failed");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(direction = "inbound", src = %peer, dst = %local, "TLS handshake timed out");
-            ctx.metrics.refuse("inbound", "tls_handshake_timeout");
-            return;
-        }
-    };
-    let peer_id = match tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(spiffe_id_of)
-    {
-        Some(Ok(id)) => id,
-        _ => {
-            ctx.metrics.refuse("inbound", "no_peer_identity");
-            return;
-        }
-    };
-    let settings = ctx.cfg.hbone.clone();
-    let ctx2 = ctx.clone();
-    let shutdown = ctx.shutdown_begun();
-    let result = server::serve_connection_until(tls, &settings, shutdown, move |stream| {
-        // Each tunnel is a connection of its own for the limits.
-        let slot = ctx2.limiter.connection();
-        let ctx = ctx2.clone();
-        let peer_id = peer_id.clone();
-        async move {
-            // A drain refuses tunnels opened after it began (before the
-            // client saw the GOAWAY); established ones run on. After a
-            // hand-over they are served: nothing is lost.
-            if ctx.refuses_new_work() {
-                ctx.metrics.refuse("inbound", "draining");
-                return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
-            }
-            let Some(slot) = slot else {
-                crate::limits::refused(&ctx, "inbound", "connection_limit");
-                return stream.reject(StatusCode::SERVICE_UNAVAILABLE);
+/// The agent behind its HBONE listeners: the certificate of the workload
+/// that was dialled (there is no SNI: the local address chooses).
+impl listener::Host for Ctx {
+    fn limiter(&self) -> &crate::limits::Limiter {
+        &self.limiter
+    }
+
+    fn hbone_settings(&self) -> &mesh_core::hbone::HboneSettings {
+        &self.cfg.hbone
+    }
+
+    fn handshake_timeout(&self) -> std::time::Duration {
+        self.cfg.handshake_timeout
+    }
+
+    fn refuse(&self, reason: &'static str) {
+        self.metrics.refuse("inbound", reason);
+    }
+
+    fn refuses_new_work(&self) -> bool {
+        Ctx::refuses_new_work(self)
+    }
+
+    fn shutdown_begun(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        Ctx::shutdown_begun(self)
+    }
+
+    async fn server_config(&self, local: SocketAddr) -> Option<Arc<rustls::ServerConfig>> {
+        let identity = {
+            let model = self.model();
+            let Some(w) = model.workload_by_ip(local.ip()) else {
+                self.metrics.refuse("inbound", "unknown_destination");
+                return None;
             };
-            handle_stream(stream, ctx, peer, local, peer_id).await;
-            drop(slot);
-        }
-    })
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(src = %peer, error = %e, "HBONE connection ended with an error");
+            model.identity(w)
+        };
+        let cert = self.certs.get(&identity).await.ok()?;
+        Some(cert.server_config())
     }
 }
 
-async fn handle_stream(
-    stream: InboundStream,
-    ctx: Arc<Ctx>,
-    peer: SocketAddr,
-    local: SocketAddr,
-    peer_id: SpiffeId,
-) {
+async fn handle_stream(tunnel: Tunnel, ctx: Arc<Ctx>) {
+    let Tunnel {
+        stream,
+        peer,
+        local,
+        peer_id,
+    } = tunnel;
     let model = ctx.model();
     let target = stream.target;
     let tunnelled = plan::Tunnelled {

@@ -9,7 +9,7 @@
 //! the client pod's address when the `forwarded` header names a workload
 //! with the identity the client proved, else the tunnel's own peer.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use http::StatusCode;
 use mesh_core::identity::SpiffeId;
@@ -89,7 +89,7 @@ pub fn tunnelled<'m>(model: &'m MeshModel, t: &Tunnelled) -> Result<Plan<'m>, Re
         _ => return Err(Refusal::WrongDestination(t.target)),
     };
     let proven = |w: &&Workload| model.identity(w) == *t.peer_id;
-    let forwarded_ip = t.forwarded.and_then(forwarded_for);
+    let forwarded_ip = t.forwarded.and_then(mesh_core::hbone::forwarded::client);
     let forwarded = forwarded_ip
         .and_then(|ip| model.workload_by_ip(ip))
         .filter(proven);
@@ -142,17 +142,6 @@ pub fn plaintext(
         },
         client: peer,
     })
-}
-
-/// The address of `for=` in a `forwarded` header (RFC 7239: IPv6 quoted
-/// and bracketed).
-fn forwarded_for(header: &str) -> Option<IpAddr> {
-    let ip = header.strip_prefix("for=")?;
-    ip.trim_matches('"')
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .ok()
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderValue};
+use mesh_core::hbone::forwarded;
 use mesh_core::model::{Destination, Endpoint, MeshModel, Service, Workload};
 
 use crate::OutboundTrafficPolicy;
@@ -204,21 +205,13 @@ fn client_addr(conn: &Captured) -> SocketAddr {
 
 fn headers(source: &Workload, client: SocketAddr) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&format!("for={}", forwarded_ip(client))) {
+    if let Ok(v) = HeaderValue::from_str(&forwarded::for_client(client.ip())) {
         headers.insert("forwarded", v);
     }
     if let Ok(v) = HeaderValue::from_str(&baggage(source)) {
         headers.insert("baggage", v);
     }
     headers
-}
-
-/// RFC 7239 wants IPv6 addresses quoted and bracketed.
-fn forwarded_ip(peer: SocketAddr) -> String {
-    match peer {
-        SocketAddr::V4(a) => a.ip().to_string(),
-        SocketAddr::V6(a) => format!("\"[{}]\"", a.ip()),
-    }
 }
 
 /// W3C baggage describing the source workload, as ztunnel sends it.
