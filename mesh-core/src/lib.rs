@@ -13,3 +13,4 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod side_runtime;

@@ -17,15 +17,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::sync::oneshot;
 
 use crate::{Ctx, EnrolledWorkload};
 
 /// The running admin thread.
-pub struct AdminServer {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+pub struct AdminServer(mesh_core::side_runtime::SideRuntime);
 
 #[derive(Clone, Copy)]
 enum Role {
@@ -41,65 +37,31 @@ impl AdminServer {
         admin: std::net::TcpListener,
         metrics: std::net::TcpListener,
         readiness: std::net::TcpListener,
-    ) -> Self {
-        let (tx, rx) = oneshot::channel();
+    ) -> std::io::Result<Self> {
         let data = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name("sluice-admin".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start the admin runtime");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for (l, role) in [
-                        (admin, Role::Admin),
-                        (metrics, Role::Metrics),
-                        (readiness, Role::Readiness),
-                    ] {
-                        let ctx = ctx.clone();
-                        let data = data.clone();
-                        tasks.spawn(async move {
-                            if let Err(e) = serve(l, role, ctx, data).await {
-                                tracing::error!(error = %e, "admin listener failed");
-                            }
-                        });
-                    }
-                    let _ = rx.await;
-                    tasks.abort_all();
-                });
-            })
-            .ok();
-        Self {
-            stop: Some(tx),
-            thread,
-        }
+        let side =
+            mesh_core::side_runtime::SideRuntime::start("sluice-admin", move || async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                for (l, role) in [
+                    (admin, Role::Admin),
+                    (metrics, Role::Metrics),
+                    (readiness, Role::Readiness),
+                ] {
+                    let ctx = ctx.clone();
+                    let data = data.clone();
+                    tasks.spawn(async move {
+                        if let Err(e) = serve(l, role, ctx, data).await {
+                            tracing::error!(error = %e, "admin listener failed");
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            })?;
+        Ok(Self(side))
     }
 
-    pub fn stop(mut self) {
-        self.stop_inner();
-    }
-
-    fn stop_inner(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for AdminServer {
-    fn drop(&mut self) {
-        self.stop_inner();
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 

@@ -56,6 +56,8 @@ pub enum AgentError {
     },
     #[error("Kubernetes: {0}")]
     Kube(#[from] mesh_core::kube::KubeError),
+    #[error("starting the admin endpoints' thread: {0}")]
+    Admin(#[source] std::io::Error),
     #[error("eBPF capture: {0}")]
     Capture(#[from] capture::CaptureError),
     #[error("network namespace {name}: {source}")]
@@ -477,7 +479,8 @@ pub async fn start(
         host_listeners,
         handover_server: Mutex::new(None),
     });
-    let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l);
+    let admin = admin::AdminServer::start(ctx.clone(), admin_l, metrics_l, ready_l)
+        .map_err(AgentError::Admin)?;
     reconcile(&ctx).await;
     if let Some(c) = &ctx.capture {
         // Enrollments left by a previous run for pods that are gone.

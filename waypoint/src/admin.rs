@@ -2,6 +2,7 @@
 //! `/metrics`), readiness (`/healthz/ready`: 200 once its certificate is
 //! issued) and `/config_dump` (identity, served services, ejected
 //! endpoints). Plain HTTP/1.1; bind it to a local or pod-internal address.
+//! It runs on a runtime of its own ([`mesh_core::side_runtime`]).
 
 use std::sync::Arc;
 
@@ -15,7 +16,15 @@ use tokio::net::TcpListener;
 
 use crate::Ctx;
 
-pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+/// Serve on `listener` (bound, non-blocking) on the current runtime.
+pub async fn serve(listener: std::net::TcpListener, ctx: Arc<Ctx>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "admin listener failed");
+            return;
+        }
+    };
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;

@@ -239,6 +239,8 @@ pub struct WaypointHandle {
     tasks: Vec<JoinHandle<()>>,
     /// The HBONE accept loops (closed first when draining).
     listeners: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The admin endpoint, on a runtime of its own.
+    admin: Option<mesh_core::side_runtime::SideRuntime>,
 }
 
 impl WaypointHandle {
@@ -247,6 +249,9 @@ impl WaypointHandle {
             t.abort();
         }
         self.close_listeners();
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
     }
 
     fn close_listeners(&self) {
@@ -438,12 +443,15 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         })?;
         accept_loops.push(tokio::spawn(inbound::serve(l, ctx.clone())));
     }
-    let admin_l =
-        tokio::net::TcpListener::from_std(admin_l).map_err(|source| WaypointError::Bind {
-            addr: admin_addr,
-            source,
-        })?;
-    tasks.push(tokio::spawn(admin::serve(admin_l, ctx.clone())));
+    // Its own runtime: a slow scrape never competes with requests.
+    let admin_ctx = ctx.clone();
+    let admin = mesh_core::side_runtime::SideRuntime::start("sluice-admin", move || {
+        admin::serve(admin_l, admin_ctx)
+    })
+    .map_err(|source| WaypointError::Bind {
+        addr: admin_addr,
+        source,
+    })?;
     let watch_ctx = ctx.clone();
     if let Some(loaded) = loaded {
         tasks.push(tokio::spawn(async move {
@@ -486,5 +494,6 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         admin_addr,
         tasks,
         listeners: std::sync::Mutex::new(accept_loops),
+        admin: Some(admin),
     })
 }
