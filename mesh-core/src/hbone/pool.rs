@@ -234,8 +234,10 @@ impl HboneConnector {
         };
         // A pooled connection may be going away (its agent drains or hands
         // over to a successor): a stream it refuses never reached the
-        // server, so it is retried once on another connection.
-        let mut retried = false;
+        // server, so it is retried on another connection. Twice at most: a
+        // connection opened in the instant the old agent still accepted is
+        // refused too, and the next one reaches the successor.
+        let mut retries = 0;
         loop {
             let (sender, guard) = match self.checkout(&key, cert.generation) {
                 Some(found) => found,
@@ -244,10 +246,10 @@ impl HboneConnector {
             self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
             match open_stream(sender, req).await {
                 Ok((send, body)) => return Ok(H2Stream::new(send, body, Some(guard))),
-                Err(StreamError::Refused(source)) if !retried => {
+                Err(StreamError::Refused(source)) if retries < MAX_REFUSED_RETRIES => {
                     tracing::debug!(addr = %req.hbone_addr, error = %source, "stream refused by a connection going away; retrying on another");
                     guard.0.superseded.store(true, Ordering::Release);
-                    retried = true;
+                    retries += 1;
                 }
                 Err(StreamError::Refused(source) | StreamError::Other(source)) => {
                     return Err(HboneError::H2 {
@@ -381,6 +383,10 @@ impl HboneConnector {
         Ok(sender)
     }
 }
+
+/// How many times a stream refused by a connection going away is retried
+/// on another.
+const MAX_REFUSED_RETRIES: u32 = 2;
 
 /// Why a stream could not be opened on a connection.
 enum StreamError {
