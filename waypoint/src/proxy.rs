@@ -14,8 +14,8 @@
 //! 8. `respond` — response header edits; metrics and the access-log line
 //!    are written when the response body ends.
 //!
-//! Every local answer carries a reason in the access log and Envoy-style
-//! response flags (`NR`, `RBAC`, `UAEX`, `RL`, `FI`, `UH`, `UO`, `UF`, `URX`, `UT`).
+//! Every local answer carries a reason in the access log and an Envoy
+//! response flag ([`ResponseFlag`]).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -62,6 +62,69 @@ pub struct ConnCtx {
 /// Request bodies larger than this are not buffered for retries/mirroring.
 const MAX_REPLAY_BODY: usize = 4 * 1024 * 1024;
 
+/// Why the waypoint answered or failed a request itself, as Envoy's
+/// response flags name it (the access log's `flags`, the metrics'
+/// `response_flags`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// Nothing to report (`-`).
+    None,
+    /// No route, or no backend for it (`NR`).
+    NoRoute,
+    /// A backend service that does not exist (`NC`).
+    NoClusterFound,
+    /// Denied by an external authorizer (`UAEX`).
+    ExtAuthzDenied,
+    /// Denied by AuthorizationPolicy (`RBAC`).
+    RbacDenied,
+    /// Over the rule's rate limit (`RL`).
+    RateLimited,
+    /// An injected delay (`DI`).
+    DelayInjected,
+    /// An injected abort (`FI`).
+    FaultInjected,
+    /// No healthy endpoint (`UH`).
+    NoHealthyUpstream,
+    /// A circuit breaker's limit (`UO`).
+    UpstreamOverflow,
+    /// The upstream connection failed (`UF`).
+    UpstreamConnectionFailure,
+    /// The upstream connection ended before a response (`UC`).
+    UpstreamConnectionTermination,
+    /// The upstream took longer than the timeout (`UT`).
+    UpstreamRequestTimeout,
+    /// Retried, and the retries ran out (`URX`).
+    UpstreamRetryLimitExceeded,
+}
+
+impl ResponseFlag {
+    /// Envoy's short name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::None => "-",
+            ResponseFlag::NoRoute => "NR",
+            ResponseFlag::NoClusterFound => "NC",
+            ResponseFlag::ExtAuthzDenied => "UAEX",
+            ResponseFlag::RbacDenied => "RBAC",
+            ResponseFlag::RateLimited => "RL",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::UpstreamConnectionFailure => "UF",
+            ResponseFlag::UpstreamConnectionTermination => "UC",
+            ResponseFlag::UpstreamRequestTimeout => "UT",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
+        }
+    }
+}
+
+impl std::fmt::Display for ResponseFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 fn full(b: impl Into<Bytes>) -> RespBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
@@ -73,7 +136,7 @@ struct Record {
     path: String,
     host: String,
     route: String,
-    flags: &'static str,
+    flags: ResponseFlag,
     reason: String,
     upstream: Option<SocketAddr>,
     destination_workload: Option<usize>,
@@ -98,7 +161,7 @@ pub async fn handle(
         path: req.uri().path().to_string(),
         host: host_of(&req),
         route: "-".into(),
-        flags: "-",
+        flags: ResponseFlag::None,
         reason: String::new(),
         upstream: None,
         destination_workload: None,
@@ -144,7 +207,7 @@ fn local(status: StatusCode, body: &str) -> Response<RespBody> {
 fn deny(
     rec: &mut Record,
     status: StatusCode,
-    flags: &'static str,
+    flags: ResponseFlag,
     reason: String,
     body: &str,
 ) -> Response<RespBody> {
@@ -168,7 +231,7 @@ async fn process(
         return deny(
             rec,
             StatusCode::SERVICE_UNAVAILABLE,
-            "NR",
+            ResponseFlag::NoRoute,
             "service is gone".into(),
             "no such service",
         );
@@ -182,7 +245,7 @@ async fn process(
             return deny(
                 rec,
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "NR",
+                ResponseFlag::NoRoute,
                 e.to_string(),
                 "route configuration error",
             )
@@ -193,7 +256,7 @@ async fn process(
         return deny(
             rec,
             StatusCode::NOT_FOUND,
-            "NR",
+            ResponseFlag::NoRoute,
             "no route matches".into(),
             "no route",
         );
@@ -233,7 +296,7 @@ async fn process(
             return deny(
                 rec,
                 StatusCode::FORBIDDEN,
-                "UAEX",
+                ResponseFlag::ExtAuthzDenied,
                 format!(
                     "policy {}/{}: unknown extension provider",
                     p.metadata.namespace, p.metadata.name
@@ -267,7 +330,7 @@ async fn process(
                         policy: format!("{}/{}", p.metadata.namespace, p.metadata.name),
                     })
                     .inc();
-                rec.flags = "UAEX";
+                rec.flags = ResponseFlag::ExtAuthzDenied;
                 rec.reason = reason;
                 let mut r = Response::new(full(body));
                 *r.status_mut() = status;
@@ -303,7 +366,7 @@ async fn process(
         return deny(
             rec,
             StatusCode::FORBIDDEN,
-            "RBAC",
+            ResponseFlag::RbacDenied,
             decision.reason,
             "RBAC: access denied",
         );
@@ -320,7 +383,7 @@ async fn process(
             let mut r = deny(
                 rec,
                 StatusCode::TOO_MANY_REQUESTS,
-                "RL",
+                ResponseFlag::RateLimited,
                 format!("rate limited ({key})"),
                 "local_rate_limited",
             );
@@ -335,7 +398,7 @@ async fn process(
     if let Some(f) = &rule.fault {
         if let Some((d, pct)) = f.delay {
             if chance(pct) {
-                rec.flags = "DI";
+                rec.flags = ResponseFlag::DelayInjected;
                 tokio::time::sleep(d).await;
             }
         }
@@ -346,7 +409,7 @@ async fn process(
                 return deny(
                     rec,
                     status,
-                    "FI",
+                    ResponseFlag::FaultInjected,
                     "fault injected".into(),
                     "fault filter abort",
                 );
@@ -441,7 +504,7 @@ async fn process(
                 return deny(
                     rec,
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "-",
+                    ResponseFlag::None,
                     format!("request body: {e}"),
                     "request body too large to retry",
                 );
@@ -491,7 +554,7 @@ async fn process(
             Err(_) => deny(
                 rec,
                 StatusCode::GATEWAY_TIMEOUT,
-                "UT",
+                ResponseFlag::UpstreamRequestTimeout,
                 format!("request timeout {t:?}"),
                 "upstream request timeout",
             ),
@@ -603,7 +666,7 @@ fn propagate_trace(h: &mut HeaderMap) -> TraceIds {
 /// A failed attempt, for the retry decision and the log.
 pub(crate) struct Failure {
     pub status: StatusCode,
-    pub flags: &'static str,
+    pub flags: ResponseFlag,
     pub reason: String,
     pub connect: bool,
 }
@@ -620,7 +683,7 @@ pub(crate) async fn send_once(
     let Some(svc) = model.service(&backend.namespace, &backend.name) else {
         return Err(Failure {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            flags: "NR",
+            flags: ResponseFlag::NoRoute,
             reason: format!("backend {}/{} not found", backend.namespace, backend.name),
             connect: true,
         });
@@ -644,13 +707,13 @@ pub(crate) async fn send_once(
         .map_err(|e| match e {
             PickError::NoEndpoints => Failure {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: "UH",
+                flags: ResponseFlag::NoHealthyUpstream,
                 reason: format!("no healthy endpoint of {}/{}", svc.namespace, svc.name),
                 connect: true,
             },
             PickError::Overloaded => Failure {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: "UO",
+                flags: ResponseFlag::UpstreamOverflow,
                 reason: format!(
                     "circuit open: {}/{} at its request limit",
                     svc.namespace, svc.name
@@ -691,7 +754,11 @@ pub(crate) async fn send_once(
             let connect = e.is_connect_failure();
             Err(Failure {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: if connect { "UF" } else { "UC" },
+                flags: if connect {
+                    ResponseFlag::UpstreamConnectionFailure
+                } else {
+                    ResponseFlag::UpstreamConnectionTermination
+                },
                 reason: e.to_string(),
                 connect,
             })
@@ -799,7 +866,7 @@ async fn forward(
             return deny(
                 rec,
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "NR",
+                ResponseFlag::NoRoute,
                 "no backend with weight".into(),
                 "no backend",
             );
@@ -810,7 +877,7 @@ async fn forward(
             return deny(
                 rec,
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "NC",
+                ResponseFlag::NoClusterFound,
                 format!("backend {}/{}: {p}", backend.namespace, backend.name),
                 "invalid backend",
             );
@@ -830,7 +897,7 @@ async fn forward(
             Some(t) => tokio::time::timeout(t, once).await.unwrap_or_else(|_| {
                 Err(Failure {
                     status: StatusCode::GATEWAY_TIMEOUT,
-                    flags: "UT",
+                    flags: ResponseFlag::UpstreamRequestTimeout,
                     reason: format!("backend request timeout {t:?}"),
                     connect: false,
                 })
@@ -853,21 +920,21 @@ async fn forward(
                     .is_some_and(|r| r.retries_status(status));
                 let resp = resp.map(|b| b.boxed());
                 if retry && can_retry {
-                    rec.flags = "URX";
+                    rec.flags = ResponseFlag::UpstreamRetryLimitExceeded;
                     rec.reason = format!("retrying after {status}");
                     last = Some(resp);
                     continue;
                 }
-                if !retry && rec.flags == "URX" {
+                if !retry && rec.flags == ResponseFlag::UpstreamRetryLimitExceeded {
                     // A retry succeeded.
-                    rec.flags = "-";
+                    rec.flags = ResponseFlag::None;
                     rec.reason = format!("succeeded on attempt {}", attempt + 1);
                 }
                 return resp;
             }
             Err(f) => {
                 let retry = rule.retry.as_ref().is_some_and(|r| {
-                    if f.flags == "UT" {
+                    if f.flags == ResponseFlag::UpstreamRequestTimeout {
                         r.on_reset || r.on_5xx
                     } else if f.connect {
                         r.on_connect_failure
@@ -876,9 +943,15 @@ async fn forward(
                     }
                 });
                 // Overload and missing backends are not worth retrying.
-                let retry = retry && !matches!(f.flags, "UO" | "NR" | "UH");
+                let retry = retry
+                    && !matches!(
+                        f.flags,
+                        ResponseFlag::UpstreamOverflow
+                            | ResponseFlag::NoRoute
+                            | ResponseFlag::NoHealthyUpstream
+                    );
                 if retry && can_retry {
-                    rec.flags = "URX";
+                    rec.flags = ResponseFlag::UpstreamRetryLimitExceeded;
                     rec.reason = f.reason;
                     last = None;
                     continue;
@@ -900,7 +973,7 @@ async fn forward(
             deny(
                 rec,
                 StatusCode::SERVICE_UNAVAILABLE,
-                "URX",
+                ResponseFlag::UpstreamRetryLimitExceeded,
                 reason,
                 "upstream failed after retries",
             )
@@ -982,7 +1055,7 @@ impl Tracked {
             true,
         );
         peers.request_protocol = if rec.grpc { "grpc" } else { "http" };
-        peers.response_flags = rec.flags;
+        peers.response_flags = rec.flags.as_str();
         let labels = RequestLabels {
             peers,
             response_code: d.status,
@@ -1007,7 +1080,7 @@ impl Tracked {
             path = %rec.path,
             host = %rec.host,
             status = d.status,
-            flags = rec.flags,
+            flags = rec.flags.as_str(),
             route = %rec.route,
             src = %d.conn.source_ip,
             src.identity = %d.conn.source_identity,
@@ -1058,7 +1131,7 @@ fn export_span(d: &Done, status: u16, bytes: u64) {
                     .into(),
             ),
             ("route", rec.route.clone().into()),
-            ("response_flags", rec.flags.into()),
+            ("response_flags", rec.flags.as_str().into()),
         ],
     });
 }
