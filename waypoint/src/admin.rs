@@ -92,7 +92,7 @@ fn answer(ctx: &Ctx, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "services": services,
                 "httpRoutes": model.http_routes,
                 "destinationRules": model.destination_rules,
-                "ejectedEndpoints": ctx.balancer.ejected(),
+                "ejectedEndpoints": ctx.backends.balancer.ejected(),
             });
             reply(
                 StatusCode::OK,

@@ -13,6 +13,7 @@
 //! An authorizer that cannot be reached, times out or answers garbage
 //! denies (403), unless the provider says `failOpen`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,9 +22,10 @@ use http_body_util::{BodyExt, Full};
 use mesh_core::model::gateway::{parse_duration, ExtensionProviderConfig};
 use mesh_core::model::MeshModel;
 
-use crate::proxy::{send_once, ConnCtx};
+use mesh_core::identity::SpiffeId;
+
+use crate::backend::Backends;
 use crate::routes::Backend;
-use crate::Ctx;
 
 /// Envoy's ext_authz v3 messages (the fields Sluice sends and reads).
 pub mod proto {
@@ -181,13 +183,44 @@ pub struct CheckInput<'a> {
     pub host: &'a str,
     pub headers: &'a HeaderMap,
     pub protocol: Version,
+    /// The caller, as mTLS proved it.
+    pub source_identity: &'a SpiffeId,
+    pub source_ip: IpAddr,
+    /// The original destination (service address and port).
+    pub destination: SocketAddr,
+    /// The destination service's host name (`name.namespace.svc.cluster.local`).
+    pub destination_service: &'a str,
+}
+
+/// Who decides a `CUSTOM` policy's requests: the request path's
+/// `authorize` phase asks through this, so its tests can answer for the
+/// provider.
+pub trait Authorizer: Sync {
+    /// `provider`'s verdict on a request.
+    fn check(
+        &self,
+        provider: &ExtensionProviderConfig,
+        input: &CheckInput<'_>,
+    ) -> impl std::future::Future<Output = Verdict> + Send;
+}
+
+/// The real authorizer: the provider's service, called over the mesh.
+pub struct Client<'a, B> {
+    pub backends: &'a B,
+    pub model: &'a MeshModel,
+    /// The waypoint's identity (the destination principal it reports).
+    pub waypoint: &'a SpiffeId,
+}
+
+impl<B: Backends> Authorizer for Client<'_, B> {
+    async fn check(&self, provider: &ExtensionProviderConfig, input: &CheckInput<'_>) -> Verdict {
+        check(self, provider, input).await
+    }
 }
 
 /// Ask `provider` about a request.
-pub async fn check(
-    ctx: &std::sync::Arc<Ctx>,
-    conn: &ConnCtx,
-    model: &MeshModel,
+async fn check<B: Backends>(
+    client: &Client<'_, B>,
     provider: &ExtensionProviderConfig,
     input: &CheckInput<'_>,
 ) -> Verdict {
@@ -213,9 +246,9 @@ pub async fn check(
         .unwrap_or(false);
     let call = async {
         if let Some(h) = &provider.envoy_ext_authz_http {
-            check_http(ctx, conn, model, &backend, h, input).await
+            check_http(client, &backend, h, input).await
         } else {
-            check_grpc(ctx, conn, model, &backend, input).await
+            check_grpc(client, &backend, input).await
         }
     };
     match tokio::time::timeout(timeout, call).await {
@@ -241,10 +274,8 @@ fn unreachable_or(fail_open: bool, provider: &str, problem: String) -> Verdict {
     }
 }
 
-async fn check_http(
-    ctx: &std::sync::Arc<Ctx>,
-    conn: &ConnCtx,
-    model: &MeshModel,
+async fn check_http<B: Backends>(
+    client: &Client<'_, B>,
     backend: &Backend,
     cfg: &mesh_core::model::gateway::ExtAuthzHttp,
     input: &CheckInput<'_>,
@@ -281,13 +312,16 @@ async fn check_http(
     // Envoy's defaults travel too: the caller's identity.
     if let Ok(v) = HeaderValue::from_str(&format!(
         "By=spiffe://waypoint;URI={}",
-        conn.source_identity
+        input.source_identity
     )) {
         h.insert("x-forwarded-client-cert", v);
     }
-    let (resp, _picked) = send_once(ctx, conn, model, backend, req, &[])
+    let resp = client
+        .backends
+        .send(client.model, input.source_ip, backend, req, &[])
         .await
-        .map_err(|f| f.reason)?;
+        .map_err(|f| f.reason)?
+        .response;
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp
@@ -323,10 +357,8 @@ async fn check_http(
 /// that play the authorization service).
 pub use mesh_core::grpc::unframe as grpc_unframe;
 
-async fn check_grpc(
-    ctx: &std::sync::Arc<Ctx>,
-    conn: &ConnCtx,
-    model: &MeshModel,
+async fn check_grpc<B: Backends>(
+    client: &Client<'_, B>,
     backend: &Backend,
     input: &CheckInput<'_>,
 ) -> Result<Verdict, String> {
@@ -344,17 +376,14 @@ async fn check_grpc(
     let msg = proto::CheckRequest {
         attributes: Some(proto::AttributeContext {
             source: Some(proto::Peer {
-                address: Some(sock(conn.source_ip, 0)),
+                address: Some(sock(input.source_ip, 0)),
                 service: String::new(),
-                principal: conn.source_identity.to_string(),
+                principal: input.source_identity.to_string(),
             }),
             destination: Some(proto::Peer {
-                address: Some(sock(conn.target.ip(), conn.target.port())),
-                service: format!(
-                    "{}.{}.svc.cluster.local",
-                    conn.service_name, conn.service_namespace
-                ),
-                principal: ctx.identity.to_string(),
+                address: Some(sock(input.destination.ip(), input.destination.port())),
+                service: input.destination_service.to_string(),
+                principal: client.waypoint.to_string(),
             }),
             request: Some(proto::AttributeRequest {
                 http: Some(proto::HttpRequest {
@@ -391,9 +420,12 @@ async fn check_grpc(
                 .boxed(),
         )
         .map_err(|e| e.to_string())?;
-    let (resp, _picked) = send_once(ctx, conn, model, backend, req, &[])
+    let resp = client
+        .backends
+        .send(client.model, input.source_ip, backend, req, &[])
         .await
-        .map_err(|f| f.reason)?;
+        .map_err(|f| f.reason)?
+        .response;
     if !resp.status().is_success() {
         return Err(format!("HTTP {}", resp.status()));
     }

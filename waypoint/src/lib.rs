@@ -5,13 +5,14 @@
 //! ([`proxy`]), and forwards over HBONE to the chosen endpoint's node
 //! agent with its own identity.
 //!
-//! Stages: [`inbound`] (tunnels in) → [`routes`] → [`proxy`] (policy,
-//! limits, faults, retries; [`extauthz`] for `CUSTOM` policies) →
-//! [`balancer`] → [`upstream`] (tunnels out);
-//! [`telemetry`] and the admin endpoint on the side.
+//! Stages: [`inbound`] (tunnels in) → [`proxy`] (the request phases:
+//! route with [`routes`], policy, limits, faults, retries; [`extauthz`] for
+//! `CUSTOM` policies) → [`backend`] ([`balancer`] → [`upstream`], tunnels
+//! out); [`telemetry`] and the admin endpoint on the side.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backend;
 pub mod balancer;
 pub mod extauthz;
 pub mod inbound;
@@ -26,7 +27,6 @@ pub mod upstream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,7 +38,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::backend::MeshBackends;
 use crate::balancer::Balancer;
+use crate::proxy::forward::RetryBudget;
 use crate::ratelimit::RateLimiter;
 use crate::routes::{RouteError, RouteTable};
 use crate::telemetry::{ResultLabels, WaypointMetrics};
@@ -150,19 +152,16 @@ pub struct Ctx {
     pub cfg: WaypointConfig,
     model: watch::Receiver<Arc<MeshModel>>,
     pub identity: SpiffeId,
-    /// The node the waypoint pod runs on (for locality).
-    pub node: Option<String>,
     pub certs: Arc<CertificateStore>,
-    pub upstream: Upstream,
-    pub balancer: Arc<Balancer>,
+    /// The mesh's endpoints, for forwarding, mirroring and authorizers.
+    pub backends: Arc<MeshBackends>,
     pub limiter: RateLimiter,
     /// Connection, tunnel and handshake slots.
     pub slots: mesh_core::limits::Limiter,
     pub metrics: WaypointMetrics,
     pub registry: Registry,
     routes: Mutex<RouteCache>,
-    pub active_requests: AtomicUsize,
-    pub active_retries: AtomicUsize,
+    pub retry_budget: RetryBudget,
     /// Span export, when a collector is configured.
     pub spans: Option<otlp::SpanExporter>,
     /// Set when the waypoint drains for shutdown.
@@ -418,10 +417,12 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         cfg,
         model: model_rx,
         identity,
-        node,
         certs,
-        upstream,
-        balancer: Arc::new(Balancer::default()),
+        backends: Arc::new(MeshBackends {
+            upstream,
+            balancer: Arc::new(Balancer::default()),
+            node,
+        }),
         limiter: RateLimiter::default(),
         slots: mesh_core::limits::Limiter::new(limits),
         metrics,
@@ -430,8 +431,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
             model: 0,
             tables: HashMap::new(),
         }),
-        active_requests: AtomicUsize::new(0),
-        active_retries: AtomicUsize::new(0),
+        retry_budget: RetryBudget::default(),
         spans,
         shutting_down: watch::channel(false).0,
     });

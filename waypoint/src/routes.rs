@@ -137,6 +137,7 @@ pub struct RouteTable {
 
 /// A request's rule and, for prefix matches, the prefix that matched
 /// (what `ReplacePrefixMatch` replaces).
+#[derive(Debug)]
 pub struct Routed<'a> {
     pub rule: &'a Rule,
     pub matched_prefix: Option<&'a str>,
