@@ -20,6 +20,15 @@ use tokio::net::TcpSocket;
 
 const T: Duration = Duration::from_secs(30);
 
+/// The test API server, as both proxies watch it.
+fn cluster(api: &KubeApi) -> mesh_core::source::Cluster {
+    mesh_core::source::Cluster {
+        kubeconfig: Some(api.kubeconfig.clone()),
+        trust_domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+    }
+}
+
 async fn agent(
     api: &KubeApi,
     node: &str,
@@ -28,9 +37,7 @@ async fn agent(
 ) -> AgentHandle {
     let mut c = AgentConfig::new(node, Default::default());
     c.kube = Some(KubeSource {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
+        cluster: cluster(api),
         proc_root: "/proc".into(),
     });
     c.ca = ca;
@@ -671,11 +678,7 @@ spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, p
     let a = agent(&api, "node-a", src_a, redirects.clone()).await;
     let b = agent(&api, "node-b", src_b, Arc::new(ExplicitMappings::default())).await;
     let mut cfg = waypoint::WaypointConfig::new("web", "waypoint", "waypoint", Default::default());
-    cfg.kube = Some(waypoint::KubeMode {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        trust_domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
-    });
+    cfg.kube = Some(cluster(&api));
     // The waypoint obtains its own identity with its own pod's token.
     api.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: waypoint, namespace: web}\n");
     cfg.ca = ca.source(

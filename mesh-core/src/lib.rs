@@ -13,4 +13,6 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod shutdown;
 pub mod side_runtime;
+pub mod source;

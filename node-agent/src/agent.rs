@@ -18,8 +18,9 @@ use crate::config::AgentConfig;
 use crate::context::{AgentError, Ctx};
 use crate::enrollment::{follow_model, reconcile};
 use crate::orig_dst::OriginalDestination;
-use crate::telemetry::{AgentMetrics, ResultLabels};
+use crate::telemetry::AgentMetrics;
 use crate::{admin, authz, capture, cni, handover, limits, lock, orig_dst, podns};
+use mesh_core::source::Source;
 
 /// A running agent.
 pub struct AgentHandle {
@@ -61,7 +62,7 @@ impl AgentHandle {
     /// over. Returns how many were still open at the deadline (and are cut
     /// when the caller exits).
     pub async fn drain(&self, period: std::time::Duration) -> usize {
-        self.ctx.shutting_down.send_replace(true);
+        self.ctx.shutdown.begin();
         if let Some(h) = lock(&self.ctx.handover_server).take() {
             h.stop();
         }
@@ -122,60 +123,45 @@ pub async fn start(
     };
     let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::empty("cluster.local")));
     let cni_registry = Arc::new(cni::server::Registry::default());
-    // The model's source: the mesh file, or the cluster (then the first
-    // model is complete before anything is served).
-    let (loaded, mut tasks) = match &cfg.kube {
+    // The model's source: the mesh file (every version must keep this
+    // node), or the cluster (then the first model is complete before
+    // anything is served).
+    let report = Arc::new(mesh_core::source::Report {
+        updates: metrics.config_updates.clone(),
+        policy: metrics.policy.clone(),
+    });
+    let source = match &cfg.kube {
         None => {
-            let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
-            if !model.nodes.iter().any(|n| n.name == cfg.node) {
-                return Err(AgentError::UnknownNode(cfg.node.clone()));
-            }
-            model_tx.send_replace(Arc::new(model));
-            (Some(loaded), vec![])
-        }
-        Some(k) => {
-            let client = kube_client(k.kubeconfig.as_deref()).await?;
-            let report = Arc::new(mesh_core::kube::watch::ClusterReport {
-                updates: metrics.config_updates.clone(),
-                policy: metrics.policy.clone(),
-            });
-            // This node's pods are served inside their own network
-            // namespaces, found through the host's /proc.
-            // (Those the CNI plugin handed over first: a sandbox being set
-            // up has no process yet.)
             let node = cfg.node.clone();
-            let proc_root = k.proc_root.clone();
-            let registry = cni_registry.clone();
-            let netns = Arc::new(move |pod: &k8s_openapi::api::core::v1::Pod| {
-                let on_this_node =
-                    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
-                if !on_this_node {
-                    return None;
-                }
-                if let Some(local) = registry.local_pod(pod) {
-                    return Some(local);
-                }
-                let uid = pod.metadata.uid.as_deref()?;
-                podns::find_pod_netns(&proc_root, uid).map(|p| {
-                    mesh_core::kube::translate::LocalPod {
-                        netns: p.display().to_string(),
-                        ips: vec![],
+            Source::File {
+                path: cfg.mesh_file.clone(),
+                interval: cfg.reload_interval,
+                check: Box::new(move |next| {
+                    if next.nodes.iter().any(|n| n.name == node) {
+                        Ok(())
+                    } else {
+                        Err((
+                            "nodes".into(),
+                            format!("this agent's node {node:?} is missing"),
+                        ))
                     }
-                })
-            });
-            let tasks = mesh_core::kube::watch::follow_cluster(
-                client,
-                k.trust_domain.clone(),
-                k.root_namespace.clone(),
-                netns,
-                model_tx.clone(),
-                report,
-                cni_registry.changed.clone(),
-            )
-            .await;
-            (None, tasks)
+                }),
+            }
         }
+        Some(k) => Source::Cluster {
+            cluster: k.cluster.clone(),
+            netns: pod_netns(&cfg.node, k.proc_root.clone(), cni_registry.clone()),
+            changed: cni_registry.changed.clone(),
+        },
     };
+    let followed = mesh_core::source::follow(source, model_tx, report).await?;
+    let mut tasks = followed.tasks;
+    if cfg.kube.is_none() && !model_rx.borrow().nodes.iter().any(|n| n.name == cfg.node) {
+        for t in tasks {
+            t.abort();
+        }
+        return Err(AgentError::UnknownNode(cfg.node.clone()));
+    }
     let model = model_rx.borrow().clone();
     let (signer, roots) = cfg.ca.signer(&model.trust_domain, cfg.cert_ttl)?;
     let certs = CertificateStore::new(signer, roots, &model.trust_domain)?;
@@ -235,7 +221,7 @@ pub async fn start(
         draining: Mutex::new(HashMap::new()),
         live: authz::LiveConnections::default(),
         limiter: limits::Limiter::new(cfg_limits),
-        shutting_down: watch::channel(false).0,
+        shutdown: Default::default(),
         handed_over: watch::channel(false).0,
         inherited,
         host_listeners,
@@ -257,9 +243,6 @@ pub async fn start(
             .flat_map(|l| l.ips.clone())
             .collect();
         c.prune(&keep_ns, &keep_ips);
-    }
-    if let Some(loaded) = loaded {
-        tasks.push(tokio::spawn(watch_mesh_file(ctx.clone(), loaded, model_tx)));
     }
     tasks.push(tokio::spawn(follow_model(ctx.clone())));
     if let Some(c) = &ctx.cfg.cni {
@@ -384,32 +367,28 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::C
         .map_err(AgentError::Kube)
 }
 
-/// Follow the mesh file; besides validation, an update must keep this
-/// agent's node.
-async fn watch_mesh_file(ctx: Arc<Ctx>, loaded: Vec<u8>, tx: watch::Sender<Arc<MeshModel>>) {
-    let node = ctx.cfg.node.clone();
-    mesh_core::model::watch::follow_mesh_file(
-        ctx.cfg.mesh_file.clone(),
-        loaded,
-        ctx.cfg.reload_interval,
-        tx,
-        |_, next| {
-            if next.nodes.iter().any(|n| n.name == node) {
-                Ok(())
-            } else {
-                Err((
-                    "nodes".into(),
-                    format!("this agent's node {node:?} is missing"),
-                ))
-            }
-        },
-        |applied| {
-            let result = if applied { "applied" } else { "rejected" };
-            ctx.metrics
-                .config_updates
-                .get_or_create(&ResultLabels { result })
-                .inc();
-        },
-    )
-    .await
+/// Finds the network namespaces of this node's pods in Kubernetes mode:
+/// those the CNI plugin handed over first (a sandbox being set up has no
+/// process yet), else through the host's /proc.
+fn pod_netns(
+    node: &str,
+    proc_root: std::path::PathBuf,
+    registry: Arc<cni::server::Registry>,
+) -> Arc<mesh_core::kube::watch::NetnsResolver> {
+    let node = node.to_string();
+    Arc::new(move |pod: &k8s_openapi::api::core::v1::Pod| {
+        let on_this_node =
+            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
+        if !on_this_node {
+            return None;
+        }
+        if let Some(local) = registry.local_pod(pod) {
+            return Some(local);
+        }
+        let uid = pod.metadata.uid.as_deref()?;
+        podns::find_pod_netns(&proc_root, uid).map(|p| mesh_core::kube::translate::LocalPod {
+            netns: p.display().to_string(),
+            ips: vec![],
+        })
+    })
 }

@@ -96,12 +96,7 @@ pub enum OutboundTrafficPolicy {
 /// Where the cluster is, in Kubernetes mode.
 #[derive(Debug, Clone)]
 pub struct KubeSource {
-    /// A kubeconfig file; `None`: the in-cluster service account (or
-    /// `$KUBECONFIG`).
-    pub kubeconfig: Option<PathBuf>,
-    pub trust_domain: String,
-    /// Istio's root namespace (mesh-wide policies).
-    pub root_namespace: String,
+    pub cluster: mesh_core::source::Cluster,
     /// The host's /proc (pod network namespaces are found there).
     pub proc_root: PathBuf,
 }

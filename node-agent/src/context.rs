@@ -50,6 +50,15 @@ pub enum AgentError {
     Cni(String),
 }
 
+impl From<mesh_core::source::SourceError> for AgentError {
+    fn from(e: mesh_core::source::SourceError) -> Self {
+        match e {
+            mesh_core::source::SourceError::Model(e) => AgentError::Model(e),
+            mesh_core::source::SourceError::Kube(e) => AgentError::Kube(e),
+        }
+    }
+}
+
 /// State shared by every task of the agent.
 pub struct Ctx {
     pub cfg: AgentConfig,
@@ -75,7 +84,7 @@ pub struct Ctx {
     pub limiter: limits::Limiter,
     /// Set when the agent drains for shutdown: HBONE connections send a
     /// GOAWAY and readiness turns false.
-    pub(crate) shutting_down: watch::Sender<bool>,
+    pub(crate) shutdown: mesh_core::shutdown::Shutdown,
     /// Set when a successor took this agent's listeners over (hot restart):
     /// it drains too, but serves whatever still reaches it, because the
     /// successor is there to take the rest.
@@ -178,15 +187,12 @@ impl Ctx {
 impl Ctx {
     /// True once a graceful shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
-        *self.shutting_down.borrow()
+        self.shutdown.has_begun()
     }
 
     /// Completes when a graceful shutdown begins.
     pub fn shutdown_begun(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.shutting_down.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+        self.shutdown.begun()
     }
 
     /// Whether work that reaches the agent now is refused: during a drain

@@ -126,34 +126,19 @@ struct RunArgs {
     /// This node's name in the mesh file.
     #[arg(long, env = "SLUICE_NODE")]
     node: String,
-    /// The local mesh file (the embedded default mode).
-    #[arg(long, env = "SLUICE_MESH_FILE", required_unless_present = "kube")]
-    mesh_file: Option<PathBuf>,
-    /// Watch the Kubernetes API server instead of a mesh file.
-    #[arg(long, env = "SLUICE_KUBE")]
-    kube: bool,
-    /// Kubeconfig for `--kube` (default: in-cluster, or $KUBECONFIG).
-    #[arg(long, env = "SLUICE_KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
+    /// The mesh file or the cluster.
+    #[command(flatten)]
+    source: mesh_core::source::SourceArgs,
     /// The agent's own pod (`namespace/name`, from the downward API) in
     /// Kubernetes mode: when the DaemonSet owning it or its namespace is
     /// deleted, stopping removes the node's capture (an uninstall);
     /// otherwise the capture stays pinned (fail closed) for the next agent.
     #[arg(long, env = "SLUICE_POD")]
     pod: Option<String>,
-    /// Trust domain of workload identities in Kubernetes mode.
-    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
     /// The host's /proc in Kubernetes mode (pod network namespaces are
     /// found there; e.g. `/host/proc` when mounted into the agent's pod).
     #[arg(long, env = "SLUICE_PROC_ROOT", default_value = "/proc")]
     proc_root: PathBuf,
-    /// Istio's root namespace (mesh-wide policies) in Kubernetes mode.
-    #[arg(long, env = "SLUICE_ROOT_NAMESPACE", default_value = "istio-system")]
-    root_namespace: String,
-    /// How often to check the mesh file for changes.
-    #[arg(long, env = "SLUICE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    reload_interval: Duration,
     /// Root CA certificate (PEM). Without it an ephemeral root is used,
     /// which only this agent trusts.
     #[arg(
@@ -362,7 +347,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
-    let own_pod = match (&a.pod, a.kube) {
+    let own_pod = match (&a.pod, a.source.kube) {
         (Some(p), true) => Some(
             p.split_once('/')
                 .map(|(ns, n)| (ns.to_string(), n.to_string()))
@@ -370,17 +355,13 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    let kubeconfig = a.kubeconfig.clone();
-    let mut cfg = AgentConfig::new(&a.node, a.mesh_file.unwrap_or_default());
-    if a.kube {
-        cfg.kube = Some(node_agent::KubeSource {
-            kubeconfig: a.kubeconfig,
-            trust_domain: a.trust_domain,
-            root_namespace: a.root_namespace,
-            proc_root: a.proc_root,
-        });
-    }
-    cfg.reload_interval = a.reload_interval;
+    let kubeconfig = a.source.kubeconfig.clone();
+    let mut cfg = AgentConfig::new(&a.node, a.source.mesh_file.clone().unwrap_or_default());
+    cfg.kube = a.source.cluster().map(|cluster| node_agent::KubeSource {
+        cluster,
+        proc_root: a.proc_root,
+    });
+    cfg.reload_interval = a.source.reload_interval;
     cfg.net_sysctl_dir = a.net_sysctl_dir;
     let root = a.remote_ca.ca_root_cert.clone();
     // The agent asks for each local workload's identity on its behalf.
@@ -419,7 +400,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     if let Some(socket) = a.cni_socket {
         anyhow::ensure!(
-            a.kube && a.capture == Capture::Ebpf,
+            a.source.kube && a.capture == Capture::Ebpf,
             "--cni-socket needs --kube and --capture=ebpf"
         );
         let mut exclude = a.cni_exclude_namespaces;

@@ -34,6 +34,7 @@ use mesh_core::hbone::{HboneConnector, HboneSettings, HBONE_PORT};
 use mesh_core::identity::CaSource;
 use mesh_core::identity::{CertificateStore, SpiffeId};
 use mesh_core::model::{MeshModel, ModelError, Service};
+use mesh_core::source::Source;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -43,7 +44,7 @@ use crate::balancer::Balancer;
 use crate::proxy::forward::RetryBudget;
 use crate::ratelimit::RateLimiter;
 use crate::routes::{RouteError, RouteTable};
-use crate::telemetry::{ResultLabels, WaypointMetrics};
+use crate::telemetry::WaypointMetrics;
 use crate::upstream::Upstream;
 
 /// Everything a waypoint needs to run.
@@ -76,18 +77,9 @@ pub struct WaypointConfig {
     /// OTLP/HTTP collector (`http://host:port`) for request spans.
     pub otlp_endpoint: Option<String>,
     /// Watch a Kubernetes API server instead of `mesh_file`.
-    pub kube: Option<KubeMode>,
+    pub kube: Option<mesh_core::source::Cluster>,
     /// How long a graceful shutdown lets requests in flight finish.
     pub drain_period: Duration,
-}
-
-/// Where the cluster is, in Kubernetes mode.
-#[derive(Debug, Clone)]
-pub struct KubeMode {
-    /// `None`: in-cluster credentials (or `$KUBECONFIG`).
-    pub kubeconfig: Option<PathBuf>,
-    pub trust_domain: String,
-    pub root_namespace: String,
 }
 
 impl WaypointConfig {
@@ -140,6 +132,15 @@ pub enum WaypointError {
     },
 }
 
+impl From<mesh_core::source::SourceError> for WaypointError {
+    fn from(e: mesh_core::source::SourceError) -> Self {
+        match e {
+            mesh_core::source::SourceError::Model(e) => WaypointError::Model(e),
+            mesh_core::source::SourceError::Kube(e) => WaypointError::Kube(e),
+        }
+    }
+}
+
 /// Compiled route tables of the current model.
 struct RouteCache {
     model: usize,
@@ -165,21 +166,18 @@ pub struct Ctx {
     /// Span export, when a collector is configured.
     pub spans: Option<otlp::SpanExporter>,
     /// Set when the waypoint drains for shutdown.
-    shutting_down: watch::Sender<bool>,
+    shutdown: mesh_core::shutdown::Shutdown,
 }
 
 impl Ctx {
     /// True once a graceful shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
-        *self.shutting_down.borrow()
+        self.shutdown.has_begun()
     }
 
     /// Completes when a graceful shutdown begins.
     pub fn shutdown_begun(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.shutting_down.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+        self.shutdown.begun()
     }
 
     /// The current mesh model.
@@ -272,7 +270,7 @@ impl WaypointHandle {
     /// finish — for at most `period`. Returns how many connections and
     /// tunnels were still open at the deadline.
     pub async fn drain(&self, period: Duration) -> usize {
-        self.ctx.shutting_down.send_replace(true);
+        self.ctx.shutdown.begin();
         self.close_listeners();
         self.ctx.slots.drain(period).await
     }
@@ -295,38 +293,43 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
     let mut registry = Registry::default();
     let metrics = WaypointMetrics::register(&mut registry);
     let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::empty("cluster.local")));
-    let mut tasks = vec![];
-    let mut kube_client = None;
-    let loaded = match &cfg.kube {
+    // The model's source: the mesh file (every version must keep this
+    // waypoint's Gateway), or the cluster.
+    let report = Arc::new(mesh_core::source::Report {
+        updates: metrics.config_updates.clone(),
+        policy: metrics.policy.clone(),
+    });
+    let source = match &cfg.kube {
         None => {
-            let (model, loaded) = MeshModel::load_with_bytes(&cfg.mesh_file)?;
-            model_tx.send_replace(Arc::new(model));
-            Some(loaded)
+            let (ns, name) = (cfg.namespace.clone(), cfg.name.clone());
+            Source::File {
+                path: cfg.mesh_file.clone(),
+                interval: cfg.reload_interval,
+                check: Box::new(move |next| {
+                    if next
+                        .gateways
+                        .iter()
+                        .any(|g| g.metadata.namespace == ns && g.metadata.name == name)
+                    {
+                        Ok(())
+                    } else {
+                        Err((
+                            "gateways".into(),
+                            format!("this waypoint {ns}/{name} is missing"),
+                        ))
+                    }
+                }),
+            }
         }
-        Some(k) => {
-            let client = mesh_core::kube::client(k.kubeconfig.as_deref())
-                .await
-                .map_err(WaypointError::Kube)?;
-            kube_client = Some(client.clone());
-            let report = Arc::new(mesh_core::kube::watch::ClusterReport {
-                updates: metrics.config_updates.clone(),
-                policy: metrics.policy.clone(),
-            });
-            tasks.extend(
-                mesh_core::kube::watch::follow_cluster(
-                    client,
-                    k.trust_domain.clone(),
-                    k.root_namespace.clone(),
-                    Arc::new(|_: &k8s_openapi::api::core::v1::Pod| None),
-                    model_tx.clone(),
-                    report,
-                    Arc::new(tokio::sync::Notify::new()),
-                )
-                .await,
-            );
-            None
-        }
+        Some(cluster) => Source::Cluster {
+            cluster: cluster.clone(),
+            // The waypoint serves no pods of its own.
+            netns: Arc::new(|_: &k8s_openapi::api::core::v1::Pod| None),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        },
     };
+    let followed = mesh_core::source::follow(source, model_tx, report).await?;
+    let mut tasks = followed.tasks;
     // On a cluster the pod may start before the API shows its IP (or the
     // Gateway): wait for both rather than exit and be restarted.
     if cfg.kube.is_some() {
@@ -348,7 +351,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         }
         let _ = tokio::time::timeout(KUBE_START_WAIT, rx.wait_for(|m| present(m))).await;
     }
-    if let Some(client) = kube_client {
+    if let Some(client) = followed.client {
         tasks.push(tokio::spawn(route_status::follow(
             client,
             model_rx.clone(),
@@ -433,7 +436,7 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         }),
         retry_budget: RetryBudget::default(),
         spans,
-        shutting_down: watch::channel(false).0,
+        shutdown: Default::default(),
     });
     let mut accept_loops = Vec::new();
     for l in listeners {
@@ -452,41 +455,6 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
         addr: admin_addr,
         source,
     })?;
-    let watch_ctx = ctx.clone();
-    if let Some(loaded) = loaded {
-        tasks.push(tokio::spawn(async move {
-            let (ns, name) = (watch_ctx.cfg.namespace.clone(), watch_ctx.cfg.name.clone());
-            mesh_core::model::watch::follow_mesh_file(
-                watch_ctx.cfg.mesh_file.clone(),
-                loaded,
-                watch_ctx.cfg.reload_interval,
-                model_tx,
-                |_, next| {
-                    if next
-                        .gateways
-                        .iter()
-                        .any(|g| g.metadata.namespace == ns && g.metadata.name == name)
-                    {
-                        Ok(())
-                    } else {
-                        Err((
-                            "gateways".into(),
-                            format!("this waypoint {ns}/{name} is missing"),
-                        ))
-                    }
-                },
-                |applied| {
-                    let result = if applied { "applied" } else { "rejected" };
-                    watch_ctx
-                        .metrics
-                        .config_updates
-                        .get_or_create(&ResultLabels { result })
-                        .inc();
-                },
-            )
-            .await
-        }));
-    }
     tracing::info!(waypoint = %format!("{}/{}", ctx.cfg.namespace, ctx.cfg.name), identity = %ctx.identity, addrs = ?hbone_addrs, "waypoint started");
     Ok(WaypointHandle {
         ctx,

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -24,21 +23,9 @@ struct Cli {
     /// This waypoint pod's workload name (in the Gateway's namespace).
     #[arg(long, env = "SLUICE_WORKLOAD")]
     workload: String,
-    /// The local mesh file (the embedded default mode).
-    #[arg(long, env = "SLUICE_MESH_FILE", required_unless_present = "kube")]
-    mesh_file: Option<PathBuf>,
-    /// Watch the Kubernetes API server instead of a mesh file.
-    #[arg(long, env = "SLUICE_KUBE")]
-    kube: bool,
-    /// Kubeconfig for `--kube` (default: in-cluster, or $KUBECONFIG).
-    #[arg(long, env = "SLUICE_KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
-    #[arg(long, env = "SLUICE_ROOT_NAMESPACE", default_value = "istio-system")]
-    root_namespace: String,
-    #[arg(long, env = "SLUICE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
-    reload_interval: Duration,
+    /// The mesh file or the cluster.
+    #[command(flatten)]
+    source: mesh_core::source::SourceArgs,
     /// Root CA certificate and key (PEM), shared with the node agents.
     #[arg(
         long,
@@ -98,16 +85,10 @@ fn main() -> anyhow::Result<()> {
         namespace,
         name,
         &cli.workload,
-        cli.mesh_file.unwrap_or_default(),
+        cli.source.mesh_file.clone().unwrap_or_default(),
     );
-    if cli.kube {
-        cfg.kube = Some(waypoint::KubeMode {
-            kubeconfig: cli.kubeconfig,
-            trust_domain: cli.trust_domain,
-            root_namespace: cli.root_namespace,
-        });
-    }
-    cfg.reload_interval = cli.reload_interval;
+    cfg.kube = cli.source.cluster();
+    cfg.reload_interval = cli.source.reload_interval;
     let root = cli.remote_ca.ca_root_cert.clone();
     // A waypoint obtains its own identity (no impersonation).
     if let Some(remote) = cli.remote_ca.remote(false) {

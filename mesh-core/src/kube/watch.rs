@@ -96,40 +96,6 @@ impl Stores {
     }
 }
 
-/// The [`WatchReport`] both proxies use: updates counted in
-/// `sluice_config_updates_total{result="applied"|"partial"}`, rejected
-/// objects in `sluice_config_rejected_objects{kind}`.
-pub struct ClusterReport {
-    pub updates: prometheus_client::metrics::family::Family<
-        crate::metrics::ResultLabels,
-        prometheus_client::metrics::counter::Counter,
-    >,
-    pub policy: crate::metrics::PolicyMetrics,
-}
-
-impl WatchReport for ClusterReport {
-    fn applied(&self, model: &MeshModel) {
-        tracing::info!(
-            workloads = model.workloads.len(),
-            services = model.services.len(),
-            routes = model.http_routes.len(),
-            "mesh model updated from the cluster"
-        );
-        self.updates
-            .get_or_create(&crate::metrics::ResultLabels { result: "applied" })
-            .inc();
-    }
-
-    fn rejected(&self, now: &[Rejected]) {
-        self.policy.set_rejected(now.iter().map(|r| r.kind));
-        if !now.is_empty() {
-            self.updates
-                .get_or_create(&crate::metrics::ResultLabels { result: "partial" })
-                .inc();
-        }
-    }
-}
-
 /// Finds a pod's network namespace (see [`super::translate::NetnsOf`]).
 pub type NetnsResolver = dyn Fn(&Pod) -> Option<super::translate::LocalPod> + Send + Sync;
 
