@@ -105,16 +105,16 @@ impl PodNet {
                     turn_on(&s, libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT)?;
                 }
                 client.to_canonical()
-            } else if target.is_ipv4() {
+            } else {
+                // Not transparent: the agent's mark only, from 127.0.0.6
+                // (IPv4) or the pod's own address (IPv6: no bind).
                 if mark != 0 {
                     s.set_mark(mark)?;
+                }
+                if target.is_ipv6() {
+                    return Ok(s);
                 }
                 IpAddr::V4(Ipv4Addr::from(sluice_ebpf_common::AGENT_INBOUND_SOURCE_V4))
-            } else {
-                if mark != 0 {
-                    s.set_mark(mark)?;
-                }
-                return Ok(s);
             };
             // Pick the source port at connect(), unique per destination, not
             // at bind(), unique per source address: otherwise every

@@ -85,6 +85,17 @@ fn default_service_account() -> String {
 }
 
 impl Workload {
+    /// The address to reach it at for a destination like `like`: one of
+    /// the same family, else its first (a dual-stack pod answers on both;
+    /// a single-stack one only on its own).
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+            .or_else(|| self.ips.first())
+            .copied()
+    }
+
     /// The Istio "workload name": the `app.kubernetes.io/name` / `app`
     /// label when present, otherwise the pod name.
     pub fn canonical_name(&self) -> &str {
@@ -287,14 +298,9 @@ impl MeshModel {
                 let start = self.cursors[i].fetch_add(1, Ordering::Relaxed);
                 (0..eps.len()).find_map(|k| {
                     let w = &self.workloads[eps[(start + k) % eps.len()]];
-                    let ip = w
-                        .ips
-                        .iter()
-                        .find(|ip| ip.is_ipv4() == addr.is_ipv4())
-                        .or_else(|| w.ips.first())?;
                     Some(Endpoint {
                         workload: w,
-                        addr: SocketAddr::new(*ip, port.target()),
+                        addr: SocketAddr::new(w.ip_like(addr.ip())?, port.target()),
                         service: Some(svc),
                     })
                 })

@@ -37,9 +37,22 @@ pub struct Registry {
     pods: Mutex<HashMap<(String, String), CniPod>>,
     /// Wakes the model's translation (see `follow_cluster`).
     pub changed: Arc<Notify>,
-    /// Set once the plugin is taken off the node: it stays off. With it,
-    /// what the last check of the installed binary found.
-    removed: Mutex<(bool, super::install::Verified)>,
+    /// The plugin's installation on this node.
+    plugin: Mutex<PluginState>,
+}
+
+/// Whether the plugin is kept installed, and what the last check found.
+enum PluginState {
+    /// Kept installed; the installed binary as last verified.
+    Kept(super::install::Verified),
+    /// Taken off the node for good (an uninstall): it stays off.
+    Removed,
+}
+
+impl Default for PluginState {
+    fn default() -> Self {
+        PluginState::Kept(None)
+    }
 }
 
 impl Registry {
@@ -70,17 +83,15 @@ impl Registry {
         binary: &Path,
         plugin: &super::PluginConfig,
     ) -> Result<bool, super::install::InstallError> {
-        let mut state = lock(&self.removed);
-        let (removed, verified) = &mut *state;
-        if *removed {
-            return Ok(false);
+        match &mut *lock(&self.plugin) {
+            PluginState::Removed => Ok(false),
+            PluginState::Kept(verified) => super::install::ensure(dirs, binary, plugin, verified),
         }
-        super::install::ensure(dirs, binary, plugin, verified)
     }
 
     /// Take the plugin off the node for good.
     pub fn remove(&self, dirs: &super::install::Dirs) -> Result<(), super::install::InstallError> {
-        lock(&self.removed).0 = true;
+        *lock(&self.plugin) = PluginState::Removed;
         super::install::remove(dirs)
     }
 

@@ -181,14 +181,9 @@ fn waypoint_endpoint<'m>(
     dst: SocketAddr,
     service: Option<&'m Service>,
 ) -> Option<Endpoint<'m>> {
-    let ip = w
-        .ips
-        .iter()
-        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-        .or_else(|| w.ips.first())?;
     Some(Endpoint {
         workload: w,
-        addr: SocketAddr::new(*ip, dst.port()),
+        addr: SocketAddr::new(w.ip_like(dst.ip())?, dst.port()),
         service,
     })
 }
