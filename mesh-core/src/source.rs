@@ -17,7 +17,7 @@ use crate::kube::translate::Rejected;
 use crate::kube::watch::{NetnsResolver, WatchReport};
 use crate::kube::KubeError;
 use crate::metrics::{PolicyMetrics, ResultLabels};
-use crate::model::{MeshModel, ModelError};
+use crate::model::{FieldError, MeshModel, ModelError};
 
 /// The cluster to watch, in Kubernetes mode.
 #[derive(Debug, Clone)]
@@ -103,8 +103,8 @@ impl WatchReport for Report {
     }
 }
 
-/// A caller's veto on a changed mesh file: `Err((field, reason))`.
-pub type FileCheck = Box<dyn Fn(&MeshModel) -> Result<(), (String, String)> + Send + Sync>;
+/// A caller's veto on a changed mesh file, naming the field.
+pub type FileCheck = Box<dyn Fn(&MeshModel) -> Result<(), FieldError> + Send + Sync>;
 
 /// How to follow the model.
 pub enum Source {
@@ -233,7 +233,7 @@ mod tests {
                 if m.nodes.iter().any(|n| n.name == "a") {
                     Ok(())
                 } else {
-                    Err(("nodes".into(), "node a is missing".into()))
+                    Err(FieldError::new("nodes", "node a is missing"))
                 }
             }),
         };

@@ -140,8 +140,8 @@ pub async fn start(
                     if next.nodes.iter().any(|n| n.name == node) {
                         Ok(())
                     } else {
-                        Err((
-                            "nodes".into(),
+                        Err(mesh_core::model::FieldError::new(
+                            "nodes",
                             format!("this agent's node {node:?} is missing"),
                         ))
                     }

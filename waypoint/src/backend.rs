@@ -40,7 +40,8 @@ pub enum FailureKind {
 }
 
 /// A failed attempt, for the retry decision and the access log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
 pub struct Failure {
     pub kind: FailureKind,
     pub reason: String,

@@ -254,16 +254,33 @@ async fn check<B: Backends>(
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(v)) => v,
         Ok(Err(problem)) => unreachable_or(fail_open, &provider.name, problem),
-        Err(_) => unreachable_or(
-            fail_open,
-            &provider.name,
-            format!("no answer within {timeout:?}"),
-        ),
+        Err(_) => unreachable_or(fail_open, &provider.name, NoVerdict::Timeout(timeout)),
     }
 }
 
+/// Why an authorizer gave no verdict.
+#[derive(Debug, thiserror::Error)]
+enum NoVerdict {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("building the check request: {0}")]
+    Request(#[from] http::Error),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::Failure),
+    #[error("HTTP {0}")]
+    Http(StatusCode),
+    #[error("reading the answer: {0}")]
+    Body(#[from] hyper::Error),
+    #[error("answer without grpc-status")]
+    NoStatus,
+    #[error(transparent)]
+    Status(#[from] mesh_core::grpc::PeerStatus),
+    #[error(transparent)]
+    Frame(#[from] mesh_core::grpc::FrameError),
+}
+
 /// The authorizer could not decide: deny, unless it fails open.
-fn unreachable_or(fail_open: bool, provider: &str, problem: String) -> Verdict {
+fn unreachable_or(fail_open: bool, provider: &str, problem: NoVerdict) -> Verdict {
     tracing::warn!(provider, %problem, fail_open, "external authorizer unavailable");
     if fail_open {
         Verdict::Allow(HeaderMap::new())
@@ -279,7 +296,7 @@ async fn check_http<B: Backends>(
     backend: &Backend,
     cfg: &mesh_core::model::gateway::ExtAuthzHttp,
     input: &CheckInput<'_>,
-) -> Result<Verdict, String> {
+) -> Result<Verdict, NoVerdict> {
     let path = format!(
         "{}{}",
         cfg.path_prefix
@@ -296,8 +313,7 @@ async fn check_http<B: Backends>(
             Full::new(Bytes::new())
                 .map_err(|never| match never {})
                 .boxed(),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
     let h = req.headers_mut();
     if let Ok(v) = HeaderValue::from_str(input.host) {
         h.insert(http::header::HOST, v);
@@ -319,17 +335,11 @@ async fn check_http<B: Backends>(
     let resp = client
         .backends
         .send(client.model, input.source_ip, backend, req, &[])
-        .await
-        .map_err(|f| f.reason)?
+        .await?
         .response;
     let status = resp.status();
     let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?
-        .to_bytes();
+    let body = resp.into_body().collect().await?.to_bytes();
     let pick = |names: &[String]| {
         let mut out = HeaderMap::new();
         for name in names {
@@ -361,7 +371,7 @@ async fn check_grpc<B: Backends>(
     client: &Client<'_, B>,
     backend: &Backend,
     input: &CheckInput<'_>,
-) -> Result<Verdict, String> {
+) -> Result<Verdict, NoVerdict> {
     let headers = input
         .headers
         .iter()
@@ -418,36 +428,26 @@ async fn check_grpc<B: Backends>(
             Full::new(mesh_core::grpc::frame(&msg))
                 .map_err(|never| match never {})
                 .boxed(),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
     let resp = client
         .backends
         .send(client.model, input.source_ip, backend, req, &[])
-        .await
-        .map_err(|f| f.reason)?
+        .await?
         .response;
     if !resp.status().is_success() {
-        return Err(format!("HTTP {}", resp.status()));
+        return Err(NoVerdict::Http(resp.status()));
     }
-    let head_status = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let collected = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?;
-    let trailer_status = collected
-        .trailers()
-        .and_then(|t| t.get("grpc-status"))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let grpc_status = trailer_status.or(head_status).unwrap_or_default();
-    if grpc_status != "0" {
-        return Err(format!("gRPC status {grpc_status:?}"));
+    // The status comes in the trailers, or (trailers-only) in the head.
+    let head = resp.headers().clone();
+    let collected = resp.into_body().collect().await?;
+    let status = match collected.trailers() {
+        Some(t) if t.contains_key("grpc-status") => t,
+        _ => &head,
+    };
+    if !status.contains_key("grpc-status") {
+        return Err(NoVerdict::NoStatus);
     }
+    mesh_core::grpc::peer_status(status)?;
     let answer: proto::CheckResponse = grpc_unframe(&collected.to_bytes())?;
     let to_map = |hs: &[proto::HeaderValueOption]| {
         let mut out = HeaderMap::new();

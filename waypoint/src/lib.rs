@@ -313,8 +313,8 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
                     {
                         Ok(())
                     } else {
-                        Err((
-                            "gateways".into(),
+                        Err(mesh_core::model::FieldError::new(
+                            "gateways",
                             format!("this waypoint {ns}/{name} is missing"),
                         ))
                     }

@@ -133,7 +133,7 @@ pub struct CaService {
 }
 
 /// A gRPC error: status code and message.
-pub type GrpcError = (Code, String);
+pub use crate::grpc::Status as GrpcError;
 
 impl CaService {
     /// A service signing with `ca`; certificates live at most `max_ttl`.
@@ -165,7 +165,7 @@ impl CaService {
         let out = self.decide_and_sign(token, req).await;
         match &out {
             Ok(_) => self.issued.fetch_add(1, Ordering::Relaxed),
-            Err((code, message)) => {
+            Err(GrpcError { code, message }) => {
                 tracing::warn!(?code, %message, "certificate request refused");
                 self.refused.fetch_add(1, Ordering::Relaxed)
             }
@@ -178,7 +178,7 @@ impl CaService {
         token: Option<&str>,
         req: &proto::IstioCertificateRequest,
     ) -> Result<Vec<String>, GrpcError> {
-        let invalid = |m: String| (Code::InvalidArgument, m);
+        let invalid = |m: String| GrpcError::new(Code::InvalidArgument, m);
         let requested =
             match req
                 .metadata
@@ -200,7 +200,7 @@ impl CaService {
             .authorizer
             .authorize(token, requested.as_ref())
             .await
-            .map_err(|r| (r.code(), r.to_string()))?;
+            .map_err(|r| GrpcError::new(r.code(), r.to_string()))?;
         check_csr_names(&csr, &identity).map_err(invalid)?;
         let ttl = match u64::try_from(req.validity_duration) {
             Ok(s) if s > 0 => Duration::from_secs(s).min(self.max_ttl),
@@ -208,7 +208,7 @@ impl CaService {
         };
         let leaf = self.ca.sign(&csr, &identity, ttl).map_err(|e| match e {
             CaError::BadCsr(m) => invalid(format!("bad CSR: {m}")),
-            other => (Code::Internal, other.to_string()),
+            other => GrpcError::new(Code::Internal, other.to_string()),
         })?;
         tracing::info!(identity = %identity, ttl_s = ttl.as_secs(), "issued a workload certificate");
         Ok(vec![
@@ -320,7 +320,7 @@ impl CaService {
             if let Some((code, message)) = status {
                 b = b
                     .header("grpc-status", (code as i32).to_string())
-                    .header("grpc-message", percent_encode(message));
+                    .header("grpc-message", grpc::percent_encode(message));
             }
             b.body(()).expect("valid response head")
         };
@@ -335,7 +335,7 @@ impl CaService {
                 let _ = send.send_trailers(trailers);
             }
             // Trailers-only response: the status travels in the headers.
-            Err((code, message)) => {
+            Err(GrpcError { code, message }) => {
                 let _ = respond.send_response(head(Some((code, &message))), true);
             }
         }
@@ -346,7 +346,7 @@ impl CaService {
         req: Request<h2::RecvStream>,
     ) -> Result<proto::IstioCertificateResponse, GrpcError> {
         if req.uri().path() != CREATE_CERTIFICATE {
-            return Err((
+            return Err(GrpcError::new(
                 Code::Unimplemented,
                 format!("unknown method {}", req.uri().path()),
             ));
@@ -357,9 +357,9 @@ impl CaService {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
         if !grpc_content {
-            return Err((
+            return Err(GrpcError::new(
                 Code::InvalidArgument,
-                "content-type must be application/grpc".into(),
+                "content-type must be application/grpc",
             ));
         }
         let token = req
@@ -374,13 +374,13 @@ impl CaService {
         )
         .await
         .map_err(|_| {
-            (
+            GrpcError::new(
                 Code::DeadlineExceeded,
                 "request body not received in time".to_string(),
             )
         })??;
-        let msg: proto::IstioCertificateRequest =
-            grpc::unframe(&body).map_err(|m| (Code::InvalidArgument, m))?;
+        let msg: proto::IstioCertificateRequest = grpc::unframe(&body)
+            .map_err(|e| GrpcError::new(Code::InvalidArgument, e.to_string()))?;
         let cert_chain = self.create_certificate(token.as_deref(), &msg).await?;
         Ok(proto::IstioCertificateResponse { cert_chain })
     }
@@ -391,10 +391,11 @@ impl CaService {
 async fn read_body(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, GrpcError> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| (Code::Unavailable, format!("reading the body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| GrpcError::new(Code::Unavailable, format!("reading the body: {e}")))?;
         let _ = body.flow_control().release_capacity(chunk.len());
         if buf.len() + chunk.len() > limit {
-            return Err((
+            return Err(GrpcError::new(
                 Code::ResourceExhausted,
                 format!("message larger than {limit} bytes"),
             ));
@@ -402,42 +403,6 @@ async fn read_body(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, Grpc
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
-}
-
-/// `grpc-message` is percent-encoded outside printable ASCII.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn parse_csr(text: &str) -> Result<CertificateSigningRequestDer<'static>, String> {
@@ -750,7 +715,7 @@ impl RemoteSigner {
             return Err(format!("HTTP status {}", resp.status()));
         }
         let (head, mut body) = resp.into_parts();
-        check_status(&head.headers)?;
+        grpc::peer_status(&head.headers).map_err(|e| format!("refused ({e})"))?;
         let mut buf = BytesMut::new();
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(|e| format!("response body: {e}"))?;
@@ -765,11 +730,12 @@ impl RemoteSigner {
             .await
             .map_err(|e| format!("response trailers: {e}"))?
             .unwrap_or_default();
-        check_status(&trailers)?;
+        grpc::peer_status(&trailers).map_err(|e| format!("refused ({e})"))?;
         if !trailers.contains_key("grpc-status") && !head.headers.contains_key("grpc-status") {
             return Err("response without grpc-status".into());
         }
-        let answer: proto::IstioCertificateResponse = grpc::unframe(&buf)?;
+        let answer: proto::IstioCertificateResponse =
+            grpc::unframe(&buf).map_err(|e| e.to_string())?;
         let mut chain = Vec::new();
         for text in &answer.cert_chain {
             for c in rustls_pemfile::certs(&mut text.as_bytes()) {
@@ -796,23 +762,6 @@ impl RemoteSigner {
         })?;
         Ok(chain)
     }
-}
-
-/// A non-zero `grpc-status` in `headers` as an error naming code and message.
-fn check_status(headers: &HeaderMap) -> Result<(), String> {
-    let Some(status) = headers.get("grpc-status") else {
-        return Ok(());
-    };
-    let code = status.to_str().unwrap_or("?");
-    if code == "0" {
-        return Ok(());
-    }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .map(percent_decode)
-        .unwrap_or_default();
-    Err(format!("refused (gRPC status {code}): {message}"))
 }
 
 impl CertificateSigner for RemoteSigner {
@@ -1019,8 +968,8 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert_eq!(e.0, Code::InvalidArgument);
-        assert!(e.1.contains("not PEM"), "{}", e.1);
+        assert_eq!(e.code, Code::InvalidArgument);
+        assert!(e.message.contains("not PEM"), "{}", e.message);
     }
 
     #[tokio::test]
@@ -1052,12 +1001,5 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("no CERTIFICATE block"), "{e}");
-    }
-
-    #[test]
-    fn grpc_messages_survive_percent_encoding() {
-        let m = "node \"b\" — 100% sure\n";
-        assert_eq!(percent_decode(&percent_encode(m)), m);
-        assert!(percent_encode(m).is_ascii());
     }
 }

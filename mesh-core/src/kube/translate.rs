@@ -47,6 +47,7 @@ use crate::model::policy::{
     ObjectMeta, PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, Rule,
     WorkloadSelector, DRY_RUN_ANNOTATION,
 };
+use crate::model::FieldError;
 use crate::model::{MeshModel, Namespace, Node, Service, ServicePort, Workload};
 
 /// What the watchers hold, one list per kind.
@@ -130,12 +131,12 @@ fn key_of(m: &kube::core::ObjectMeta) -> String {
     )
 }
 
-/// A custom object's `spec` as one of the model's spec types; the error is
-/// (field, reason).
-fn spec_of<S: DeserializeOwned>(o: &DynamicObject) -> Result<S, (String, String)> {
+/// A custom object's `spec` as one of the model's spec types; the error
+/// names the field.
+fn spec_of<S: DeserializeOwned>(o: &DynamicObject) -> Result<S, FieldError> {
     let spec = o.data.get("spec").cloned().unwrap_or(serde_json::json!({}));
     serde_path_to_error::deserialize(spec)
-        .map_err(|e| (format!("spec.{}", e.path()), e.inner().to_string()))
+        .map_err(|e| FieldError::new(format!("spec.{}", e.path()), e.inner().to_string()))
 }
 
 /// One part of a custom object's `spec`, if it reads as `T`.
@@ -230,7 +231,7 @@ fn authorization_policies(
                 spec,
                 rejected: None,
             }),
-            Err((field, reason)) => {
+            Err(FieldError { field, reason }) => {
                 let action = match o.data.get("spec").and_then(|s| s.get("action")) {
                     None => Some(AuthorizationAction::Allow),
                     Some(a) => serde_json::from_value(a.clone()).ok(),
@@ -276,7 +277,7 @@ fn peer_authentications(
                     spec,
                     rejected: None,
                 },
-                Err((field, reason)) => {
+                Err(FieldError { field, reason }) => {
                     problems.push(Rejected {
                         kind: "PeerAuthentication",
                         name: key_of(&o.metadata),
@@ -434,7 +435,7 @@ macro_rules! custom {
                     metadata: meta_of(&o.metadata),
                     spec,
                 }),
-                Err((field, reason)) => {
+                Err(FieldError { field, reason }) => {
                     $problems.push(Rejected {
                         kind: $kind,
                         name: key_of(&o.metadata),

@@ -29,6 +29,43 @@ pub struct ModelError {
     pub reason: String,
 }
 
+/// A problem in one object: the path of the field inside it (e.g.
+/// `spec.rules[0].to`) and why; a [`ModelError`] once the source and the
+/// object are named.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same problem with the field's path rewritten (prefixed with
+    /// the enclosing object's, say).
+    pub fn map_field(self, f: impl FnOnce(&str) -> String) -> Self {
+        FieldError {
+            field: f(&self.field),
+            reason: self.reason,
+        }
+    }
+
+    /// The error of a whole model from `source_name`.
+    pub fn in_source(self, source_name: impl Into<String>) -> ModelError {
+        ModelError {
+            source_name: source_name.into(),
+            field: self.field,
+            reason: self.reason,
+        }
+    }
+}
+
 /// The file format. Field names are camelCase like Kubernetes objects.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -341,8 +378,12 @@ impl MeshModel {
                 check_selector(s).map_err(|r| err(at("spec.selector.matchLabels"), r))?;
             }
             for (j, rule) in p.spec.rules.iter().flatten().enumerate() {
-                check_rule(rule, p.spec.action)
-                    .map_err(|(f, r)| err(at(&format!("spec.rules[{j}].{f}")), r))?;
+                check_rule(rule, p.spec.action).map_err(
+                    |FieldError {
+                         field: f,
+                         reason: r,
+                     }| err(at(&format!("spec.rules[{j}].{f}")), r),
+                )?;
             }
         }
         let mut pa_names = HashSet::new();
@@ -376,7 +417,7 @@ impl MeshModel {
             }
         }
 
-        check_l7_objects(&f).map_err(|(field, reason)| err(field, reason))?;
+        check_l7_objects(&f).map_err(|e| err(e.field, e.reason))?;
 
         let cursors = f.services.iter().map(|_| AtomicUsize::new(0)).collect();
         Ok(MeshModel {
@@ -426,11 +467,11 @@ fn check_object<'a>(
     want: &str,
     meta: &'a super::policy::ObjectMeta,
     names: &mut HashSet<(&'a str, &'a str)>,
-) -> Result<(), (String, String)> {
-    gateway::check_api(api_version, kind, &[group], want).map_err(|(f, r)| (at(&f), r))?;
-    check_dns_label(&meta.name, true).map_err(|r| (at("metadata.name"), r))?;
+) -> Result<(), FieldError> {
+    gateway::check_api(api_version, kind, &[group], want).map_err(|e| e.map_field(at))?;
+    check_dns_label(&meta.name, true).map_err(|r| FieldError::new(at("metadata.name"), r))?;
     if !names.insert((&meta.namespace, &meta.name)) {
-        return Err((
+        return Err(FieldError::new(
             at("metadata.name"),
             format!("duplicate {want} {}/{}", meta.namespace, meta.name),
         ));
@@ -440,7 +481,7 @@ fn check_object<'a>(
 
 /// Gateways, HTTPRoutes and DestinationRules: shapes, names, and that
 /// every reference names something in the file.
-fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
+fn check_l7_objects(f: &MeshFile) -> Result<(), FieldError> {
     let service = |ns: &str, name: &str| {
         f.services
             .iter()
@@ -458,7 +499,7 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
             &mut names,
         )?;
         if !g.is_waypoint() {
-            return Err((
+            return Err(FieldError::new(
                 at("spec.gatewayClassName"),
                 format!(
                     "{:?}: only waypoints (class {}) are served by Sluice",
@@ -480,28 +521,28 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
             &mut names,
         )?;
         if r.spec.parent_refs.is_empty() {
-            return Err((
+            return Err(FieldError::new(
                 at("spec.parentRefs"),
-                "a route needs a parent service".into(),
+                "a route needs a parent service",
             ));
         }
         for (j, p) in r.spec.parent_refs.iter().enumerate() {
             let ns = p.namespace.as_deref().unwrap_or(&r.metadata.namespace);
             if !p.is_service() {
-                return Err((
+                return Err(FieldError::new(
                     at(&format!("spec.parentRefs[{j}]")),
-                    "mesh routes attach to a Service (group \"\", kind Service)".into(),
+                    "mesh routes attach to a Service (group \"\", kind Service)",
                 ));
             }
             let Some(svc) = service(ns, &p.name) else {
-                return Err((
+                return Err(FieldError::new(
                     at(&format!("spec.parentRefs[{j}].name")),
                     format!("unknown service {ns}/{}", p.name),
                 ));
             };
             if let Some(port) = p.port {
                 if !svc.ports.iter().any(|sp| sp.port == port) {
-                    return Err((
+                    return Err(FieldError::new(
                         at(&format!("spec.parentRefs[{j}].port")),
                         format!("service {ns}/{} has no port {port}", p.name),
                     ));
@@ -510,7 +551,7 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
         }
         for (j, rule) in r.spec.rules.iter().enumerate() {
             let at_rule = |field: &str| at(&format!("spec.rules[{j}].{field}"));
-            gateway::check_rule(rule).map_err(|(f, r)| (at_rule(&f), r))?;
+            gateway::check_rule(rule).map_err(|e| e.map_field(at_rule))?;
             // Backends that cannot be used (missing, not a Service, in
             // another namespace without a ReferenceGrant) are not errors:
             // Gateway API answers 500 for their share of the traffic, and
@@ -529,7 +570,7 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
             &mut names,
         )?;
         if g.spec.from.is_empty() || g.spec.to.is_empty() {
-            return Err((at("spec"), "from and to must not be empty".into()));
+            return Err(FieldError::new(at("spec"), "from and to must not be empty"));
         }
     }
     let mut names = HashSet::new();
@@ -545,25 +586,28 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
         )?;
         let (name, ns) = super::split_host(&d.spec.host, &d.metadata.namespace);
         if service(ns, name).is_none() {
-            return Err((
+            return Err(FieldError::new(
                 at("spec.host"),
                 format!("{:?} names no service in the mesh", d.spec.host),
             ));
         }
         gateway::check_traffic_policy(&d.spec.traffic_policy)
-            .map_err(|(f, r)| (at(&format!("spec.{f}")), r))?;
+            .map_err(|e| e.map_field(|f| at(&format!("spec.{f}"))))?;
     }
     let mut names = HashSet::new();
     for (i, p) in f.extension_providers.iter().enumerate() {
         let at = |field: &str| format!("extensionProviders[{i}].{field}");
-        check_dns_label(&p.name, true).map_err(|r| (at("name"), r))?;
+        check_dns_label(&p.name, true).map_err(|r| FieldError::new(at("name"), r))?;
         if !names.insert(p.name.as_str()) {
-            return Err((at("name"), format!("duplicate provider {:?}", p.name)));
+            return Err(FieldError::new(
+                at("name"),
+                format!("duplicate provider {:?}", p.name),
+            ));
         }
         let Some((svc, port, timeout)) = p.endpoint() else {
-            return Err((
+            return Err(FieldError::new(
                 at("name"),
-                "set exactly one of envoyExtAuthzHttp, envoyExtAuthzGrpc".into(),
+                "set exactly one of envoyExtAuthzHttp, envoyExtAuthzGrpc",
             ));
         };
         let kind = if p.envoy_ext_authz_http.is_some() {
@@ -575,13 +619,13 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
         let found = service(ns, name);
         match found {
             None => {
-                return Err((
+                return Err(FieldError::new(
                     at(&format!("{kind}.service")),
                     format!("{svc:?} names no service in the mesh (use name.namespace)"),
                 ))
             }
             Some(s) if !s.ports.iter().any(|sp| sp.port == port) => {
-                return Err((
+                return Err(FieldError::new(
                     at(&format!("{kind}.port")),
                     format!("service {ns}/{name} has no port {port}"),
                 ))
@@ -589,13 +633,14 @@ fn check_l7_objects(f: &MeshFile) -> Result<(), (String, String)> {
             _ => {}
         }
         if let Some(t) = timeout {
-            gateway::parse_duration(t).map_err(|r| (at(&format!("{kind}.timeout")), r))?;
+            gateway::parse_duration(t)
+                .map_err(|r| FieldError::new(at(&format!("{kind}.timeout")), r))?;
         }
     }
     for (i, p) in f.authorization_policies.iter().enumerate() {
         if let Some(provider) = &p.spec.provider {
             if !names.contains(provider.name.as_str()) {
-                return Err((
+                return Err(FieldError::new(
                     format!("authorizationPolicies[{i}].spec.provider.name"),
                     format!(
                         "unknown extension provider {:?} (not in extensionProviders)",
@@ -634,7 +679,7 @@ fn check_kind(
 
 /// One rule of an AuthorizationPolicy, checked as Istio's validation checks
 /// it (so what Istio refuses is refused here too, with the field named).
-fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, String)> {
+fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), FieldError> {
     let custom = action == AuthorizationAction::Custom;
     for (i, from) in rule.from.iter().enumerate() {
         let s = &from.source;
@@ -654,13 +699,14 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
             ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
         ];
         if lists.iter().all(|(_, l)| l.is_empty()) {
-            return Err((
+            return Err(FieldError::new(
                 at(""),
-                "a source must not be empty (leave `from` out to match any source)".into(),
+                "a source must not be empty (leave `from` out to match any source)",
             ));
         }
         for (name, list) in lists {
-            check_values(list).map_err(|(j, r)| (at(&format!(".{name}[{j}]")), r))?;
+            check_values(list)
+                .map_err(|(j, r)| FieldError::new(at(&format!(".{name}[{j}]")), r))?;
         }
         let by_account = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
         let by_principal = !s.principals.is_empty()
@@ -668,16 +714,17 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
             || !s.namespaces.is_empty()
             || !s.not_namespaces.is_empty();
         if by_account && by_principal {
-            return Err((
+            return Err(FieldError::new(
                 at(".serviceAccounts"),
-                "serviceAccounts cannot be set with principals or namespaces".into(),
+                "serviceAccounts cannot be set with principals or namespaces",
             ));
         }
         for (name, list) in [
             ("serviceAccounts", &s.service_accounts),
             ("notServiceAccounts", &s.not_service_accounts),
         ] {
-            check_service_accounts(list).map_err(|r| (at(&format!(".{name}")), r))?;
+            check_service_accounts(list)
+                .map_err(|r| FieldError::new(at(&format!(".{name}")), r))?;
         }
         for (name, list) in [
             ("ipBlocks", &s.ip_blocks),
@@ -686,7 +733,7 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
             ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
         ] {
             for (j, b) in list.iter().enumerate() {
-                parse_ip_block(b).map_err(|r| (at(&format!(".{name}[{j}]")), r))?;
+                parse_ip_block(b).map_err(|r| FieldError::new(at(&format!(".{name}[{j}]")), r))?;
             }
         }
         if custom {
@@ -701,9 +748,9 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
                 ("notServiceAccounts", &s.not_service_accounts),
             ] {
                 if !list.is_empty() {
-                    return Err((
+                    return Err(FieldError::new(
                         at(&format!(".{name}")),
-                        "not supported with action CUSTOM (as in Istio)".into(),
+                        "not supported with action CUSTOM (as in Istio)",
                     ));
                 }
             }
@@ -723,17 +770,18 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
             ("notPaths", &o.not_paths),
         ];
         if lists.iter().all(|(_, l)| l.is_empty()) {
-            return Err((
+            return Err(FieldError::new(
                 at(""),
-                "an operation must not be empty (leave `to` out to match any operation)".into(),
+                "an operation must not be empty (leave `to` out to match any operation)",
             ));
         }
         for (name, list) in lists {
-            check_values(list).map_err(|(j, r)| (at(&format!(".{name}[{j}]")), r))?;
+            check_values(list)
+                .map_err(|(j, r)| FieldError::new(at(&format!(".{name}[{j}]")), r))?;
         }
         for (name, list) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
             for (j, p) in list.iter().enumerate() {
-                parse_port(p).map_err(|r| (at(&format!(".{name}[{j}]")), r))?;
+                parse_port(p).map_err(|r| FieldError::new(at(&format!(".{name}[{j}]")), r))?;
             }
         }
         for (name, list) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
@@ -743,9 +791,9 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
                 .iter()
                 .position(|p| p.contains("{*}") || p.contains("{**}"))
             {
-                return Err((
+                return Err(FieldError::new(
                     at(&format!(".{name}[{j}]")),
-                    "path templates ({*}, {**}) are not supported by Sluice".into(),
+                    "path templates ({*}, {**}) are not supported by Sluice",
                 ));
             }
         }
@@ -753,19 +801,22 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
     for (i, c) in rule.when.iter().enumerate() {
         let at = |f: &str| format!("when[{i}]{f}");
         if c.key.is_empty() {
-            return Err((at(".key"), "empty condition key".into()));
+            return Err(FieldError::new(at(".key"), "empty condition key"));
         }
         if c.values.is_empty() && c.not_values.is_empty() {
-            return Err((at(""), "a condition needs values or notValues".into()));
+            return Err(FieldError::new(
+                at(""),
+                "a condition needs values or notValues",
+            ));
         }
-        check_condition_key(&c.key).map_err(|r| (at(".key"), r))?;
+        check_condition_key(&c.key).map_err(|r| FieldError::new(at(".key"), r))?;
         if custom
             && (matches!(
                 c.key.as_str(),
                 "source.namespace" | "source.serviceAccount" | "source.principal"
             ) || c.key.starts_with("request.auth."))
         {
-            return Err((
+            return Err(FieldError::new(
                 at(".key"),
                 format!(
                     "{} is not supported with action CUSTOM (as in Istio)",
@@ -774,9 +825,10 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
             ));
         }
         for (name, list) in [("values", &c.values), ("notValues", &c.not_values)] {
-            check_values(list).map_err(|(j, r)| (at(&format!(".{name}[{j}]")), r))?;
+            check_values(list)
+                .map_err(|(j, r)| FieldError::new(at(&format!(".{name}[{j}]")), r))?;
             for (j, v) in list.iter().enumerate() {
-                let bad = |r: String| (at(&format!(".{name}[{j}]")), r);
+                let bad = |r: String| FieldError::new(at(&format!(".{name}[{j}]")), r);
                 match c.key.as_str() {
                     "source.ip" | "remote.ip" | "destination.ip" => {
                         parse_ip_block(v).map_err(bad)?;
@@ -788,7 +840,8 @@ fn check_rule(rule: &Rule, action: AuthorizationAction) -> Result<(), (String, S
                 }
             }
             if c.key == "source.serviceAccount" {
-                check_service_accounts(list).map_err(|r| (at(&format!(".{name}")), r))?;
+                check_service_accounts(list)
+                    .map_err(|r| FieldError::new(at(&format!(".{name}")), r))?;
             }
         }
     }

@@ -646,11 +646,10 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?} is not a duration: {e}"))
 }
 
-/// A problem in one object: the field path inside it and the reason.
-pub(crate) type FieldError = (String, String);
+use super::FieldError;
 
 fn at(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    (field.into(), reason.into())
+    FieldError::new(field, reason)
 }
 
 pub(crate) fn check_api(

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
-pub use file::ModelError;
+pub use file::{FieldError, ModelError};
 pub use gateway::{DestinationRule, Gateway, HttpRoute, ReferenceGrant};
 pub use policy::{AuthorizationPolicy, PeerAuthentication};
 

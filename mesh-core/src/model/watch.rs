@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{MeshModel, ModelError};
+use super::{FieldError, MeshModel, ModelError};
 
 /// Poll `path` every `interval` until `tx` has no receivers. `loaded` is
 /// the content the current model was built from (so a change made between
@@ -21,7 +21,7 @@ pub async fn follow_mesh_file(
     loaded: Vec<u8>,
     interval: Duration,
     tx: watch::Sender<Arc<MeshModel>>,
-    check: impl Fn(&MeshModel, &MeshModel) -> Result<(), (String, String)>,
+    check: impl Fn(&MeshModel, &MeshModel) -> Result<(), FieldError>,
     on_update: impl Fn(bool),
 ) {
     let name = path.display().to_string();
@@ -56,11 +56,7 @@ pub async fn follow_mesh_file(
                     ),
                 });
             }
-            check(&current, &next).map_err(|(field, reason)| ModelError {
-                source_name: name.clone(),
-                field,
-                reason,
-            })?;
+            check(&current, &next).map_err(|e| e.in_source(&name))?;
             Ok(next)
         });
         match result {
