@@ -106,6 +106,22 @@ impl WatchReport for Report {
 /// A caller's veto on a changed mesh file, naming the field.
 pub type FileCheck = Box<dyn Fn(&MeshModel) -> Result<(), FieldError> + Send + Sync>;
 
+/// A veto on mesh files in which `present` no longer holds: the file is
+/// refused at `field`, saying `missing` (e.g. the proxy's own node).
+pub fn require(
+    field: &'static str,
+    missing: String,
+    present: impl Fn(&MeshModel) -> bool + Send + Sync + 'static,
+) -> FileCheck {
+    Box::new(move |next| {
+        if present(next) {
+            Ok(())
+        } else {
+            Err(FieldError::new(field, missing.clone()))
+        }
+    })
+}
+
 /// How to follow the model.
 pub enum Source {
     /// Poll a mesh file every `interval`; `check` may refuse a new file
@@ -229,12 +245,8 @@ mod tests {
         let source = Source::File {
             path: path.clone(),
             interval: Duration::from_millis(20),
-            check: Box::new(|m| {
-                if m.nodes.iter().any(|n| n.name == "a") {
-                    Ok(())
-                } else {
-                    Err(FieldError::new("nodes", "node a is missing"))
-                }
+            check: require("nodes", "node a is missing".into(), |m| {
+                m.nodes.iter().any(|n| n.name == "a")
             }),
         };
         let followed = follow(source, tx, report.clone()).await.unwrap();

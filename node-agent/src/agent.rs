@@ -136,16 +136,11 @@ pub async fn start(
             Source::File {
                 path: cfg.mesh_file.clone(),
                 interval: cfg.reload_interval,
-                check: Box::new(move |next| {
-                    if next.nodes.iter().any(|n| n.name == node) {
-                        Ok(())
-                    } else {
-                        Err(mesh_core::model::FieldError::new(
-                            "nodes",
-                            format!("this agent's node {node:?} is missing"),
-                        ))
-                    }
-                }),
+                check: mesh_core::source::require(
+                    "nodes",
+                    format!("this agent's node {node:?} is missing"),
+                    move |next| next.nodes.iter().any(|n| n.name == node),
+                ),
             }
         }
         Some(k) => Source::Cluster {

@@ -104,20 +104,15 @@ pub async fn start(cfg: WaypointConfig) -> Result<WaypointHandle, WaypointError>
             Source::File {
                 path: cfg.mesh_file.clone(),
                 interval: cfg.reload_interval,
-                check: Box::new(move |next| {
-                    if next
-                        .gateways
-                        .iter()
-                        .any(|g| g.metadata.namespace == ns && g.metadata.name == name)
-                    {
-                        Ok(())
-                    } else {
-                        Err(mesh_core::model::FieldError::new(
-                            "gateways",
-                            format!("this waypoint {ns}/{name} is missing"),
-                        ))
-                    }
-                }),
+                check: mesh_core::source::require(
+                    "gateways",
+                    format!("this waypoint {ns}/{name} is missing"),
+                    move |next| {
+                        next.gateways
+                            .iter()
+                            .any(|g| g.metadata.namespace == ns && g.metadata.name == name)
+                    },
+                ),
             }
         }
         Some(cluster) => Source::Cluster {

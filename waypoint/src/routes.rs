@@ -382,25 +382,36 @@ fn precedence(path: &PathMatch, method: bool, headers: usize, query: usize) -> u
 }
 
 fn default_rule(svc: &Service, port: u16) -> Rule {
-    Rule {
-        id: "default".into(),
-        backends: vec![Backend {
+    Rule::forwarding(
+        "default",
+        Backend {
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             port,
             weight: 1,
             problem: None,
-        }],
-        request_headers: None,
-        response_headers: None,
-        rewrite: None,
-        redirect: None,
-        mirrors: vec![],
-        timeout: None,
-        backend_timeout: None,
-        retry: None,
-        fault: None,
-        rate_limit: None,
+        },
+    )
+}
+
+impl Rule {
+    /// A rule that only forwards to `backend` (the implicit rule of a
+    /// service without routes).
+    pub fn forwarding(id: &str, backend: Backend) -> Rule {
+        Rule {
+            id: id.into(),
+            backends: vec![backend],
+            request_headers: None,
+            response_headers: None,
+            rewrite: None,
+            redirect: None,
+            mirrors: vec![],
+            timeout: None,
+            backend_timeout: None,
+            retry: None,
+            fault: None,
+            rate_limit: None,
+        }
     }
 }
 

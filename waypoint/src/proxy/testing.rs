@@ -70,20 +70,7 @@ pub fn backend(name: &str) -> Backend {
 
 /// A rule that only forwards to `reviews`.
 pub fn rule() -> Rule {
-    Rule {
-        id: "shop/r#0".into(),
-        backends: vec![backend("reviews")],
-        request_headers: None,
-        response_headers: None,
-        rewrite: None,
-        redirect: None,
-        mirrors: vec![],
-        timeout: None,
-        backend_timeout: None,
-        retry: None,
-        fault: None,
-        rate_limit: None,
-    }
+    Rule::forwarding("shop/r#0", backend("reviews"))
 }
 
 /// The tunnel of `client` calling `reviews:80`.
