@@ -1127,6 +1127,60 @@ fn a_waypoint_routes_and_polices_real_http_clients_through_ebpf_capture() {
     );
 }
 
+/// `sluice-bench --profile` (issue 17's starting picture): for the L4 and
+/// L7 paths, per-request counters from `perf stat` and a flame graph per
+/// proxy whose stacks resolve to Sluice's own code. Only that the picture
+/// is there and readable is judged, not what it shows.
+#[test]
+fn the_profile_mode_draws_flame_graphs_of_each_proxy() {
+    if !e2e_available() {
+        return;
+    }
+    let out = sluice_tests::TempDir::new("profile");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(["--profile", "--duration", "2s", "--rate", "200", "--out"])
+        .arg(&out.0)
+        .output()
+        .expect("sluice-bench runs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "sluice-bench --profile failed:\n{stderr}"
+    );
+    let md = std::fs::read_to_string(out.0.join("profile.md")).unwrap();
+    for (path, who) in [
+        ("l4", "agent-node-a"),
+        ("l4", "agent-node-b"),
+        ("l7", "agent-node-a"),
+        ("l7", "waypoint"),
+    ] {
+        let svg = std::fs::read_to_string(out.0.join(format!("profile-{path}-{who}.svg")))
+            .unwrap_or_else(|e| panic!("{path} {who}: {e}\n{stderr}"));
+        assert!(svg.contains("<svg"), "{path} {who}: not an SVG");
+        let folded =
+            std::fs::read_to_string(out.0.join(format!("profile-{path}-{who}.folded"))).unwrap();
+        let own = if who == "waypoint" {
+            "waypoint::"
+        } else {
+            "node_agent::"
+        };
+        assert!(
+            folded.contains(own) || folded.contains("mesh_core::"),
+            "{path} {who}: no frame of Sluice's code resolved:\n{}",
+            &folded[..folded.len().min(2000)]
+        );
+    }
+    // The counters: each proxy made system calls for the requests.
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| L4: agents + HBONE | agent node-a |"))
+        .unwrap_or_else(|| panic!("no L4 row:\n{md}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    let syscalls: f64 = cells[7].parse().unwrap_or_else(|_| panic!("{row}"));
+    assert!(syscalls > 0.0, "{row}");
+    assert!(md.contains("### L7: + waypoint: waypoint"), "{md}");
+}
+
 /// `sluice-bench` (what `cargo xtask bench` runs) end to end with tiny
 /// durations: every scenario runs without errors and the report has every
 /// section. The numbers themselves are not judged here (debug build, a

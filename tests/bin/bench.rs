@@ -15,7 +15,10 @@
 //!
 //! Each measurement is repeated (default 3) and reported as the median with
 //! its spread. Results: `target/bench/report.md`, `report.json` and
-//! `latency.svg`.
+//! `latency.svg`. With `--profile`, instead: where the proxies spend their
+//! time (see `profile.rs`).
+
+mod profile;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -69,6 +72,11 @@ struct Args {
     /// (`cargo xtask soak`).
     #[arg(long, value_parser = humantime::parse_duration)]
     soak: Option<Duration>,
+    /// Instead of the benchmark, profile the proxies at the fixed rate:
+    /// per-request counters and flame graphs for the L4 and L7 paths
+    /// (`profile.md` and `profile-*.svg`; needs `perf`).
+    #[arg(long)]
+    profile: bool,
     /// Where the report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -293,21 +301,28 @@ fn main() {
 
     // Warm-up: connections, pools, caches, the waypoint's upstreams.
     for p in &paths {
-        let run = loadgen::fixed_rate(
-            &pod(p.from),
-            p.dst,
-            p.host,
-            args.rate,
-            Duration::from_secs(1),
-            args.connections,
-            args.payload,
-        );
+        let run = fixed_rate(&args, &pod(p.from), p, Duration::from_secs(1));
         if run.errors > 0 || run.sent == 0 {
             eprintln!(
                 "{}: {} of {} warm-up requests failed — is the path working?",
                 p.name, run.errors, run.sent
             );
         }
+    }
+
+    if args.profile {
+        let code = match run_profile(&args, &paths, &pids, &pod) {
+            Ok(report) => {
+                eprintln!("written: {}", report.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("profile failed: {e}");
+                1
+            }
+        };
+        drop(TOPOLOGY.lock().unwrap_or_else(|p| p.into_inner()).take());
+        std::process::exit(code);
     }
 
     if let Some(length) = args.soak {
@@ -347,15 +362,7 @@ fn main() {
                 loadgen::reset_peak(*pid);
             }
             let wall = Instant::now();
-            let run = loadgen::fixed_rate(
-                &pod(p.from),
-                p.dst,
-                p.host,
-                args.rate,
-                args.duration,
-                args.connections,
-                args.payload,
-            );
+            let run = fixed_rate(&args, &pod(p.from), p, args.duration);
             let wall = wall.elapsed().as_secs_f64();
             for (j, (_, pid)) in pids.iter().enumerate() {
                 let vcpu = (loadgen::cpu_seconds(*pid) - cpu0[j]) / wall;
@@ -600,6 +607,67 @@ fn soak(
     .expect("soak.json");
     println!("{md}");
     passed
+}
+
+/// The fixed-rate load of `args` on path `p` from `from`.
+fn fixed_rate(
+    args: &Args,
+    from: &sluice_tests::netns::Pod,
+    p: &Path,
+    duration: Duration,
+) -> LatencyRun {
+    loadgen::fixed_rate(
+        from,
+        p.dst,
+        p.host,
+        args.rate,
+        duration,
+        args.connections,
+        args.payload,
+    )
+}
+
+/// `--profile`: the L4 path with both agents, the L7 path with the
+/// waypoint too, each at the fixed rate; `profile.md` under `--out`.
+fn run_profile(
+    args: &Args,
+    paths: &[Path],
+    pids: &[(&str, u32)],
+    pod: &dyn Fn(&str) -> sluice_tests::netns::Pod,
+) -> Result<PathBuf, String> {
+    if !profile::available() {
+        return Err("`perf` is not installed (Debian: linux-perf)".into());
+    }
+    let mut profiles = vec![];
+    for p in paths.iter().filter(|p| p.name != "direct") {
+        let components: Vec<profile::Component> = pids
+            .iter()
+            .filter(|(who, _)| p.name == "l7" || !who.starts_with("waypoint"))
+            .map(|(name, pid)| profile::Component { name, pid: *pid })
+            .collect();
+        eprintln!("profile: {} ({} runs of {:?})", p.label, 2, args.duration);
+        let from = pod(p.from);
+        let load = || {
+            let run = fixed_rate(args, &from, p, args.duration);
+            if run.errors > 0 {
+                eprintln!("{}: {} of {} requests failed", p.name, run.errors, run.sent);
+            }
+            run.sent
+        };
+        profiles.push(profile::profile_path(
+            &args.out,
+            p.name,
+            p.label,
+            &components,
+            load,
+        )?);
+    }
+    let report = args.out.join("profile.md");
+    write_atomic(
+        &report,
+        &profile::markdown(&profiles, args.rate, args.duration.as_secs_f64()),
+    );
+    Ok(report)
 }
 
 fn mesh_yaml(t: &Topology, extra: &[(String, IpAddr)]) -> String {

@@ -182,7 +182,8 @@ fn main() -> Result<()> {
 }
 
 /// Debian packages the eBPF build and the namespace tests need (curl and
-/// h2load are the real HTTP clients of the waypoint tests). `cargo-web` is
+/// h2load are the real HTTP clients of the waypoint tests; perf is the
+/// benchmark's `--profile`). `cargo-web` is
 /// only a "recommends" of `rustc-web`, so it must be named: the eBPF build
 /// runs Debian's own cargo.
 const APT_PACKAGES: &[&str] = &[
@@ -194,6 +195,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "nghttp2-client",
+    "linux-perf",
 ];
 
 fn apt_installed(pkg: &str) -> bool {
