@@ -198,5 +198,40 @@ fn hbone(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, policy, hbone);
+/// A request on a tunnel that stays open (the benchmark's keep-alive
+/// traffic): 1 KiB out and back through the splice, the pooled HTTP/2
+/// connection and TLS, on each runtime flavour `--worker-threads` offers.
+/// The client runs as a task of the same runtime, as a pod's traffic is
+/// one more socket to the agent.
+fn keep_alive(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hbone/1 KiB round trip on an open tunnel");
+    for (name, workers) in [("single-threaded", 1), ("2 workers", 2)] {
+        let rt = mesh_core::runtime::build(workers).unwrap();
+        let (connector, req) = rt.block_on(hbone_setup());
+        let mut client = Some(rt.block_on(tunnelled(&connector, &req)));
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut s = client.take().unwrap();
+                let (s, took) = rt.block_on(async {
+                    rt.spawn(async move {
+                        let start = std::time::Instant::now();
+                        for _ in 0..iters {
+                            s.write_all(&[7u8; 1024]).await.unwrap();
+                            let mut back = [0u8; 1024];
+                            s.read_exact(&mut back).await.unwrap();
+                        }
+                        (s, start.elapsed())
+                    })
+                    .await
+                    .unwrap()
+                });
+                client = Some(s);
+                took
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, policy, hbone, keep_alive);
 criterion_main!(benches);

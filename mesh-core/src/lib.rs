@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod runtime;
 pub mod shutdown;
 pub mod side_runtime;
 pub mod source;

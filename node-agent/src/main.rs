@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use node_agent::orig_dst::{Chain, SoOriginalDst};
 use node_agent::{AgentConfig, CaSource};
@@ -245,6 +246,8 @@ struct RunArgs {
     /// when mounted into the agent's pod; read-only, they see 127.0.0.6).
     #[arg(long, env = "SLUICE_NET_SYSCTL_DIR", default_value = "/proc/sys/net")]
     net_sysctl_dir: PathBuf,
+    #[command(flatten)]
+    runtime: mesh_core::runtime::RuntimeArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -447,7 +450,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             },
         });
     }
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let rt = a.runtime.build().context("starting the runtime")?;
     rt.block_on(async move {
         let orig_dst = Arc::new(Chain(vec![Box::new(SoOriginalDst)]));
         let agent = node_agent::start(cfg, orig_dst).await?;

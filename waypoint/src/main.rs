@@ -44,7 +44,6 @@ struct Cli {
     /// Metrics, readiness and config dump.
     #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
-    /// OTLP/HTTP collector for request spans (`http://host:port`).
     /// Connections and tunnels served at once; excess is refused.
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
@@ -55,10 +54,13 @@ struct Cli {
     /// waypoint exits (keep it below terminationGracePeriodSeconds).
     #[arg(long, env = "SLUICE_DRAIN_PERIOD", default_value = "20s", value_parser = humantime::parse_duration)]
     drain_period: std::time::Duration,
+    /// OTLP/HTTP collector for request spans (`http://host:port`).
     #[arg(long, env = "SLUICE_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    runtime: mesh_core::runtime::RuntimeArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     };
     cfg.drain_period = cli.drain_period;
     let drain_period = cfg.drain_period;
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let rt = cli.runtime.build().context("starting the runtime")?;
     rt.block_on(async move {
         let wp = waypoint::start(cfg).await?;
         tracing::info!(hbone = ?wp.hbone_addrs, admin = %wp.admin_addr, "waypoint ready");
