@@ -247,6 +247,7 @@ pub async fn start(
         tasks.push(tokio::spawn(keep_cni(ctx.clone())));
     }
     tasks.push(tokio::spawn(complete_handover(ctx.clone())));
+    tasks.push(tokio::spawn(crate::memory::give_back(ctx.clone())));
     Ok(AgentHandle {
         ctx,
         admin_addr,

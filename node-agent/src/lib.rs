@@ -25,6 +25,7 @@ pub mod fdpass;
 pub mod handover;
 pub mod inbound;
 pub mod limits;
+pub mod memory;
 pub mod orig_dst;
 pub mod outbound;
 pub mod podnet;

@@ -241,7 +241,9 @@ impl HboneConnector {
         loop {
             let (sender, guard) = match self.checkout(&key, cert.generation) {
                 Some(found) => found,
-                None => self.checkout_or_connect(&key, &cert).await?,
+                // Boxed: the handshakes' state is large, and inline it
+                // would stay in every tunnel's task for its whole life.
+                None => Box::pin(self.checkout_or_connect(&key, &cert)).await?,
             };
             self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
             match open_stream(sender, req).await {
@@ -785,5 +787,18 @@ mod tests {
             Ok(_) => panic!("expected a TLS failure, got a tunnel"),
         }
         assert_eq!(s.connector.stats().connections, 0);
+    }
+
+    /// A tunnel's task keeps its connect future's space for life (the
+    /// state machine is as large as its largest await): the handshakes of
+    /// a new pooled connection are boxed so that an idle tunnel does not
+    /// carry their ~4 KB.
+    #[tokio::test]
+    async fn opening_a_stream_does_not_carry_the_handshakes_state() {
+        let s = setup(HboneSettings::default(), 100).await;
+        let connect = s.connector.connect(&s.req);
+        let size = std::mem::size_of_val(&connect);
+        assert!(size < 2048, "connect future is {size} bytes");
+        drop(connect.await.unwrap());
     }
 }

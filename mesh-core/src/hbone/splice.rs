@@ -12,14 +12,57 @@
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+/// Reads once a connection has shown it moves bulk data.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads until then: a request or a response head fits.
+const READ_SMALL: usize = 4 * 1024;
+
+/// The buffer one direction reads into. It holds nothing while its socket
+/// is idle (ten thousand idle tunnels keep no read buffers), reads 4 KiB at
+/// a time for request-sized traffic, and 64 KiB once a read fills it. Each
+/// read's bytes are split off and handed on without a copy.
+struct ReadBuffer {
+    buf: BytesMut,
+    size: usize,
+}
+
+impl ReadBuffer {
+    fn new() -> Self {
+        Self {
+            buf: BytesMut::new(),
+            size: READ_SMALL,
+        }
+    }
+
+    /// The next bytes from `rd`; empty at end of stream.
+    async fn read(&mut self, rd: &mut ReadHalf<'_>) -> std::io::Result<Bytes> {
+        let ready = poll_fn(|cx| Poll::Ready(rd.as_ref().poll_read_ready(cx).is_ready())).await;
+        if !ready {
+            // Idle: give the buffer back while waiting.
+            self.buf = BytesMut::new();
+            rd.as_ref().readable().await?;
+        }
+        if self.buf.capacity() < self.size / 4 {
+            self.buf = BytesMut::with_capacity(self.size);
+        }
+        let room = self.buf.capacity();
+        let n = rd.read_buf(&mut self.buf).await?;
+        if n == room {
+            self.size = READ_CHUNK;
+        }
+        Ok(self.buf.split().freeze())
+    }
+}
 
 /// Bytes moved so far, readable while the splice runs.
 #[derive(Debug, Default)]
@@ -70,15 +113,13 @@ pub async fn splice(
     let result = {
         let (mut rd, mut wr) = tcp.split();
         let up = async {
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let mut buf = ReadBuffer::new();
             loop {
-                buf.reserve(READ_CHUNK);
-                let n = rd.read_buf(&mut buf).await.map_err(SpliceError::TcpRead)?;
-                if n == 0 {
+                let mut data = buf.read(&mut rd).await.map_err(SpliceError::TcpRead)?;
+                if data.is_empty() {
                     send.send_data(Bytes::new(), true)?;
                     return Ok::<(), SpliceError>(());
                 }
-                let mut data = buf.split().freeze();
                 while !data.is_empty() {
                     send.reserve_capacity(data.len());
                     let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -153,19 +194,19 @@ pub async fn copy_tcp(
     mut upstream: TcpStream,
     counters: &Transferred,
 ) -> std::io::Result<()> {
-    async fn pump<R, W>(mut r: R, mut w: W, counter: &AtomicU64) -> std::io::Result<()>
-    where
-        R: tokio::io::AsyncRead + Unpin,
-        W: tokio::io::AsyncWrite + Unpin,
-    {
-        let mut buf = vec![0u8; READ_CHUNK];
+    async fn pump(
+        mut r: ReadHalf<'_>,
+        mut w: WriteHalf<'_>,
+        counter: &AtomicU64,
+    ) -> std::io::Result<()> {
+        let mut buf = ReadBuffer::new();
         loop {
-            let n = r.read(&mut buf).await?;
-            if n == 0 {
+            let data = buf.read(&mut r).await?;
+            if data.is_empty() {
                 return w.shutdown().await;
             }
-            w.write_all(&buf[..n]).await?;
-            counter.fetch_add(n as u64, Ordering::Relaxed);
+            w.write_all(&data).await?;
+            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
     }
     let result = {
@@ -182,4 +223,60 @@ pub async fn copy_tcp(
         reset_tcp(&upstream);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn an_idle_socket_holds_no_read_buffer() {
+        let (mut a, mut b) = pair().await;
+        let (mut rd, _wr) = b.split();
+        let mut rb = ReadBuffer::new();
+        a.write_all(b"request").await.unwrap();
+        assert_eq!(&rb.read(&mut rd).await.unwrap()[..], b"request");
+        assert_eq!(rb.size, READ_SMALL, "a small read stays small");
+        // Nothing more to read: waiting holds no buffer.
+        assert!(rb.read(&mut rd).now_or_never().is_none());
+        assert_eq!(rb.buf.capacity(), 0);
+        // And the next request is read whole.
+        a.write_all(b"next").await.unwrap();
+        assert_eq!(&rb.read(&mut rd).await.unwrap()[..], b"next");
+        drop(a);
+        assert!(rb.read(&mut rd).await.unwrap().is_empty(), "EOF");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_fills_the_buffer_switches_to_bulk_reads() {
+        let (mut a, mut b) = pair().await;
+        let (mut rd, _wr) = b.split();
+        let mut rb = ReadBuffer::new();
+        let sent = vec![9u8; 256 * 1024];
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.unwrap();
+        });
+        let first = rb.read(&mut rd).await.unwrap();
+        assert!(first.len() <= READ_SMALL);
+        let mut got = first.len();
+        let mut largest = 0;
+        while got < 256 * 1024 {
+            let chunk = rb.read(&mut rd).await.unwrap();
+            assert!(!chunk.is_empty());
+            largest = largest.max(chunk.len());
+            got += chunk.len();
+        }
+        writer.await.unwrap();
+        assert_eq!(rb.size, READ_CHUNK);
+        assert!(largest > READ_SMALL, "bulk reads are larger: {largest}");
+    }
 }
