@@ -1179,6 +1179,10 @@ fn the_profile_mode_draws_flame_graphs_of_each_proxy() {
     let syscalls: f64 = cells[7].parse().unwrap_or_else(|_| panic!("{row}"));
     assert!(syscalls > 0.0, "{row}");
     assert!(md.contains("### L7: + waypoint: waypoint"), "{md}");
+    // Where the time goes: the share in system calls, and the functions
+    // by total time, under which Sluice's own layers appear.
+    assert!(md.contains("% in system calls"), "{md}");
+    assert!(md.contains("| total % | function |"), "{md}");
 }
 
 /// `sluice-bench` (what `cargo xtask bench` runs) end to end with tiny
@@ -1231,8 +1235,11 @@ fn the_benchmark_runs_every_scenario_and_writes_its_report() {
         );
     }
     assert_eq!(report["idle_connections"]["opened"], 200);
+    for a in report["idle_connections"]["agents"].as_array().unwrap() {
+        assert!(a["rss_closed_mb"].as_f64().unwrap() > 0.0, "{a}");
+    }
     assert_eq!(report["enrollment"]["rows"].as_array().unwrap().len(), 2);
-    assert_eq!(report["targets"].as_array().unwrap().len(), 7);
+    assert_eq!(report["targets"].as_array().unwrap().len(), 12);
     let md = std::fs::read_to_string(out.0.join("report.md")).unwrap();
     assert!(md.contains("## Added latency vs direct"), "{md}");
     let svg = std::fs::read_to_string(out.0.join("latency.svg")).unwrap();

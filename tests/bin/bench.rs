@@ -751,8 +751,10 @@ fn idle_scale(args: &Args, pids: &[(&str, u32)], server_ip: IpAddr) -> Value {
     let idle_window = Duration::from_secs(5);
     std::thread::sleep(idle_window);
     let mut per_agent = vec![];
+    let mut held = vec![];
     for (j, (who, pid)) in agents.iter().enumerate() {
         let after = loadgen::memory(*pid, "VmRSS");
+        held.push(after);
         let vcpu = (loadgen::cpu_seconds(*pid) - cpu0[j]) / idle_window.as_secs_f64();
         per_agent.push(json!({
             "component": who,
@@ -765,6 +767,27 @@ fn idle_scale(args: &Args, pids: &[(&str, u32)], server_ip: IpAddr) -> Value {
     drop(guard);
     let _ = holder.kill();
     let _ = holder.wait();
+    // Once they close: what each agent keeps. Sampled each second until
+    // no new low for 5 s (the agents see the closes, free the tunnels and
+    // give memory back on their own schedule), at most 30 s.
+    let mut low = held.clone();
+    let (started, mut last_low) = (Instant::now(), Instant::now());
+    while last_low.elapsed() < Duration::from_secs(5) && started.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_secs(1));
+        for (j, (_, pid)) in agents.iter().enumerate() {
+            let now = loadgen::memory(*pid, "VmRSS");
+            if now < low[j] {
+                low[j] = now;
+                last_low = Instant::now();
+            }
+        }
+    }
+    for (j, low) in low.iter().enumerate() {
+        per_agent[j]["rss_closed_mb"] = json!(*low as f64 / 1e6);
+        per_agent[j]["closed_over_before_pct"] =
+            json!((*low as f64 - before[j] as f64) * 100.0 / before[j].max(1) as f64);
+    }
     json!({"requested": args.idle_connections, "opened": opened, "open_seconds": open_s, "agents": per_agent})
 }
 
@@ -863,6 +886,31 @@ fn targets(r: &Value) -> Value {
     .into_iter()
     .flatten()
     .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let idle = |what: &str| {
+        r["idle_connections"]["agents"].as_array().and_then(|a| {
+            a.iter()
+                .filter_map(|x| x[what].as_f64())
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+        })
+    };
+    // Memory held by the idle tunnels: (after − before), the larger agent.
+    let idle_mb = r["idle_connections"]["agents"].as_array().and_then(|a| {
+        a.iter()
+            .filter_map(|x| Some(x["rss_after_mb"].as_f64()? - x["rss_before_mb"].as_f64()?))
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+    });
+    let many = |path: &str| med(&r["throughput"][path]["streams16_gbps"]);
+    let many_ratio = match (many("l4"), many("direct")) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b * 100.0),
+        _ => None,
+    };
+    let waypoint_over_l4 = match (
+        med(&r["added_latency_us"]["l7"]["p50"]),
+        med(&r["added_latency_us"]["l4"]["p50"]),
+    ) {
+        (Some(l7), Some(l4)) => Some(l7 - l4),
+        _ => None,
+    };
     let rows = [
         (
             "L4 added p50 (µs)",
@@ -895,6 +943,24 @@ fn targets(r: &Value) -> Value {
             false,
         ),
         (
+            "16-stream HBONE throughput, % of direct",
+            50.0,
+            many_ratio,
+            false,
+        ),
+        (
+            "10 000 idle tunnels: MB over the agent's baseline (larger agent)",
+            100.0,
+            idle_mb,
+            true,
+        ),
+        (
+            "idle tunnels closed: % over the agent's baseline (larger agent)",
+            10.0,
+            idle("closed_over_before_pct"),
+            true,
+        ),
+        (
             "waypoint added p99 (µs)",
             1000.0,
             med(&r["added_latency_us"]["l7"]["p99"]),
@@ -904,6 +970,18 @@ fn targets(r: &Value) -> Value {
             "waypoint vCPU per 1000 req/s",
             0.15,
             cost("l7", "waypoint", "vcpu_per_1000_rps"),
+            true,
+        ),
+        (
+            "waypoint peak RSS MB at 1000 req/s",
+            30.0,
+            cost("l7", "waypoint", "peak_rss_mb"),
+            true,
+        ),
+        (
+            "waypoint added p50 over L4 (µs)",
+            150.0,
+            waypoint_over_l4,
             true,
         ),
     ];
@@ -988,17 +1066,18 @@ fn markdown(r: &Value, paths: &[Path], qnames: &[&str]) -> String {
     }
     if let Some(idle) = r.get("idle_connections") {
         s.push_str(&format!(
-            "\n## Idle tunnelled connections\n\n{} of {} opened (each proven end to end) in {:.1} s.\n\n| agent | RSS before (MB) | RSS after (MB) | KB per connection | idle vCPU |\n|---|---|---|---|---|\n",
+            "\n## Idle tunnelled connections\n\n{} of {} opened (each proven end to end) in {:.1} s.\n\n| agent | RSS before (MB) | RSS holding them (MB) | KB per connection | idle vCPU | RSS once closed (MB) |\n|---|---|---|---|---|---|\n",
             idle["opened"], idle["requested"], idle["open_seconds"].as_f64().unwrap_or(0.0)
         ));
         for a in idle["agents"].as_array().into_iter().flatten() {
             s.push_str(&format!(
-                "| {} | {:.1} | {:.1} | {:.2} | {:.4} |\n",
+                "| {} | {:.1} | {:.1} | {:.2} | {:.4} | {:.1} |\n",
                 a["component"].as_str().unwrap_or("?"),
                 a["rss_before_mb"].as_f64().unwrap_or(0.0),
                 a["rss_after_mb"].as_f64().unwrap_or(0.0),
                 a["kb_per_connection"].as_f64().unwrap_or(0.0),
-                a["idle_vcpu"].as_f64().unwrap_or(0.0)
+                a["idle_vcpu"].as_f64().unwrap_or(0.0),
+                a["rss_closed_mb"].as_f64().unwrap_or(0.0)
             ));
         }
     }

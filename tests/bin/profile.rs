@@ -4,8 +4,8 @@
 //! context switches, CPU migrations, system calls) and one under
 //! `perf record` with DWARF call graphs, folded and drawn by inferno:
 //! `profile-<path>-<component>.svg` (and `.folded`) beside `profile.md`,
-//! which has the counts and each component's hottest functions by self
-//! time. Needs `perf` (Debian: `linux-perf`) and a build with debug info
+//! which has the counts, the share of time in system calls, and each
+//! component's largest functions by total and by self time. Needs `perf` (Debian: `linux-perf`) and a build with debug info
 //! (the release profile keeps it).
 
 use std::collections::HashMap;
@@ -34,10 +34,27 @@ pub struct ComponentProfile {
     pub name: String,
     /// `perf stat` counters by event name.
     pub counters: HashMap<String, f64>,
-    /// (share of samples, function) by self time, hottest first.
-    pub hottest: Vec<(f64, String)>,
-    pub samples: u64,
+    /// Where the sampled CPU time went.
+    pub breakdown: Breakdown,
     pub flamegraph: String,
+}
+
+/// Where a component's sampled CPU time went, from its folded stacks.
+#[derive(Debug, PartialEq)]
+pub struct Breakdown {
+    /// CPU time sampled, in nanoseconds (perf's cpu-clock period is the
+    /// weight of each folded stack).
+    pub sampled_ns: u64,
+    /// Share (%) spent inside system calls.
+    pub syscalls: f64,
+    /// (share %, function) by self time, hottest first. In a VM without a
+    /// PMU, samples taken with interrupts off land where they are turned
+    /// back on (`finish_task_switch`, `_raw_spin_unlock_irqrestore`): read
+    /// those as the scheduler's and wake-ups' cost.
+    pub self_time: Vec<(f64, String)>,
+    /// (share %, function) by total time (the function and its callees),
+    /// largest first: which of Sluice's layers the time is under.
+    pub total_time: Vec<(f64, String)>,
 }
 
 /// The counters read per request.
@@ -94,11 +111,15 @@ fn parse_stat(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-/// Self time per leaf function of folded stacks (`a;b;c 12` lines), as
-/// shares of all samples, hottest first.
-fn hottest(folded: &str, n: usize) -> (u64, Vec<(f64, String)>) {
+/// The kernel's system-call entry: stacks through it are time in syscalls.
+const SYSCALL_ENTRY: &str = "entry_SYSCALL_64";
+
+/// Self and total time per function of folded stacks (`a;b;c 12` lines,
+/// the weight last), as shares of all weight, the `n` largest of each.
+fn breakdown(folded: &str, n: usize) -> Breakdown {
     let mut by_leaf: HashMap<&str, u64> = HashMap::new();
-    let mut total = 0;
+    let mut by_frame: HashMap<&str, u64> = HashMap::new();
+    let (mut total, mut in_syscalls) = (0u64, 0u64);
     for line in folded.lines() {
         let Some((stack, count)) = line.rsplit_once(' ') else {
             continue;
@@ -106,18 +127,36 @@ fn hottest(folded: &str, n: usize) -> (u64, Vec<(f64, String)>) {
         let Ok(count) = count.parse::<u64>() else {
             continue;
         };
-        let leaf = stack.rsplit(';').next().unwrap_or(stack);
-        *by_leaf.entry(leaf).or_default() += count;
+        let frames: Vec<&str> = stack.split(';').collect();
+        *by_leaf.entry(frames[frames.len() - 1]).or_default() += count;
+        let mut seen: Vec<&str> = Vec::with_capacity(frames.len());
+        for f in frames {
+            // A recursive frame counts once per stack.
+            if !seen.contains(&f) {
+                seen.push(f);
+                *by_frame.entry(f).or_default() += count;
+            }
+        }
+        if seen.iter().any(|f| f.starts_with(SYSCALL_ENTRY)) {
+            in_syscalls += count;
+        }
         total += count;
     }
-    let mut v: Vec<(u64, &str)> = by_leaf.into_iter().map(|(f, c)| (c, f)).collect();
-    v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-    let top = v
-        .into_iter()
-        .take(n)
-        .map(|(c, f)| (c as f64 * 100.0 / total.max(1) as f64, f.to_string()))
-        .collect();
-    (total, top)
+    let share = |c: u64| c as f64 * 100.0 / total.max(1) as f64;
+    let top = |m: HashMap<&str, u64>| {
+        let mut v: Vec<(u64, &str)> = m.into_iter().map(|(f, c)| (c, f)).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+        v.into_iter()
+            .take(n)
+            .map(|(c, f)| (share(c), f.to_string()))
+            .collect::<Vec<_>>()
+    };
+    Breakdown {
+        sampled_ns: total,
+        syscalls: share(in_syscalls),
+        self_time: top(by_leaf),
+        total_time: top(by_frame),
+    }
 }
 
 /// Fold `perf.data` and draw it; returns the folded stacks.
@@ -213,12 +252,10 @@ pub fn profile_path(
         let _ = std::fs::write(svg.with_extension("folded"), &folded);
         // perf.data files are large; the folded stacks keep what matters.
         let _ = std::fs::remove_file(data_file(c));
-        let (samples, top) = hottest(&folded, 12);
         rows.push(ComponentProfile {
             name: c.name.to_string(),
             counters,
-            hottest: top,
-            samples,
+            breakdown: breakdown(&folded, 12),
             flamegraph: svg
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
@@ -263,15 +300,34 @@ pub fn markdown(profiles: &[PathProfile], rate: u32, secs: f64) -> String {
             ));
         }
     }
-    md.push_str("\n## Hottest functions (self time, share of samples)\n");
+    md.push_str(
+        "\n## Where the time goes (share of sampled CPU time)\n\n\
+         Total time counts a function with everything it calls; self time \
+         only its own instructions.\n",
+    );
     for p in profiles {
         for c in &p.rows {
+            let b = &c.breakdown;
             md.push_str(&format!(
-                "\n### {}: {} ({} samples, [{}]({}))\n\n| % | function |\n|---|---|\n",
-                p.label, c.name, c.samples, c.flamegraph, c.flamegraph
+                "\n### {}: {} ({:.0} ms sampled, {:.0}% in system calls, [{}]({}))\n\n\
+                 | total % | function | self % | function |\n|---|---|---|---|\n",
+                p.label,
+                c.name,
+                b.sampled_ns as f64 / 1e6,
+                b.syscalls,
+                c.flamegraph,
+                c.flamegraph
             ));
-            for (share, f) in &c.hottest {
-                md.push_str(&format!("| {share:.1} | `{}` |\n", f.replace('|', "\\|")));
+            let cell = |r: Option<&(f64, String)>| match r {
+                Some((share, f)) => format!("{share:.1} | `{}`", f.replace('|', "\\|")),
+                None => " | ".into(),
+            };
+            for i in 0..b.total_time.len().max(b.self_time.len()) {
+                md.push_str(&format!(
+                    "| {} | {} |\n",
+                    cell(b.total_time.get(i)),
+                    cell(b.self_time.get(i))
+                ));
             }
         }
     }
@@ -295,10 +351,22 @@ mod tests {
     }
 
     #[test]
-    fn self_time_is_counted_at_the_leaf() {
-        let folded = "main;a;write 30\nmain;b;write 10\nmain;a 40\nmain;c;read 20\n";
-        let (total, top) = hottest(folded, 2);
-        assert_eq!(total, 100);
-        assert_eq!(top, [(40.0, "a".to_string()), (40.0, "write".to_string())]);
+    fn time_is_counted_at_the_leaf_and_under_every_caller() {
+        let folded = "main;a;write 30\nmain;b;write 10\nmain;a 40\n\
+                      main;c;entry_SYSCALL_64_after_hwframe;read 15\nmain;c;c 5\n";
+        let b = breakdown(folded, 2);
+        assert_eq!(b.sampled_ns, 100);
+        assert_eq!(b.syscalls, 15.0);
+        assert_eq!(
+            b.self_time,
+            [(40.0, "a".to_string()), (40.0, "write".to_string())]
+        );
+        // `c` calls itself: its 5 count once.
+        assert_eq!(
+            b.total_time,
+            [(100.0, "main".to_string()), (70.0, "a".to_string())]
+        );
+        let c = breakdown(folded, 10);
+        assert!(c.total_time.contains(&(20.0, "c".to_string())));
     }
 }
