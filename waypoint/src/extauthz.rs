@@ -438,11 +438,11 @@ async fn check_grpc<B: Backends>(
         return Err(NoVerdict::Http(resp.status()));
     }
     // The status comes in the trailers, or (trailers-only) in the head.
-    let head = resp.headers().clone();
-    let collected = resp.into_body().collect().await?;
+    let (head, body) = resp.into_parts();
+    let collected = body.collect().await?;
     let status = match collected.trailers() {
         Some(t) if t.contains_key("grpc-status") => t,
-        _ => &head,
+        _ => &head.headers,
     };
     if !status.contains_key("grpc-status") {
         return Err(NoVerdict::NoStatus);

@@ -88,7 +88,7 @@ pub async fn handle(
         Err(local) => local.answer(&mut rec),
     };
     drop(in_flight);
-    Ok(respond::finish(ctx.clone(), conn, model, resp, rec))
+    Ok(respond::finish(ctx, conn, model, resp, rec))
 }
 
 /// The phases, in order; an `Err` is the local answer that ends it.
