@@ -1127,6 +1127,25 @@ fn a_waypoint_routes_and_polices_real_http_clients_through_ebpf_capture() {
     );
 }
 
+/// Run `sluice-bench` with `args`, its output in a new directory; fails
+/// the test unless it succeeds. Returns the directory and its stderr.
+fn run_bench(name: &str, args: &[&str]) -> (sluice_tests::TempDir, String) {
+    let out = sluice_tests::TempDir::new(name);
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+        .args(args)
+        .arg("--out")
+        .arg(&out.0)
+        .output()
+        .expect("sluice-bench runs");
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(
+        run.status.success(),
+        "sluice-bench {} failed:\n{stderr}",
+        args.join(" ")
+    );
+    (out, stderr)
+}
+
 /// `sluice-bench --profile` (issue 17's starting picture): for the L4 and
 /// L7 paths, per-request counters from `perf stat` and a flame graph per
 /// proxy whose stacks resolve to Sluice's own code. Only that the picture
@@ -1136,16 +1155,9 @@ fn the_profile_mode_draws_flame_graphs_of_each_proxy() {
     if !e2e_available() {
         return;
     }
-    let out = sluice_tests::TempDir::new("profile");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args(["--profile", "--duration", "2s", "--rate", "200", "--out"])
-        .arg(&out.0)
-        .output()
-        .expect("sluice-bench runs");
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "sluice-bench --profile failed:\n{stderr}"
+    let (out, stderr) = run_bench(
+        "profile",
+        &["--profile", "--duration", "2s", "--rate", "200"],
     );
     let md = std::fs::read_to_string(out.0.join("profile.md")).unwrap();
     for (path, who) in [
@@ -1194,9 +1206,9 @@ fn the_benchmark_runs_every_scenario_and_writes_its_report() {
     if !e2e_available() {
         return;
     }
-    let out = sluice_tests::TempDir::new("bench");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
-        .args([
+    let (out, stderr) = run_bench(
+        "bench",
+        &[
             "--duration",
             "1s",
             "--repeats",
@@ -1209,13 +1221,8 @@ fn the_benchmark_runs_every_scenario_and_writes_its_report() {
             "200",
             "--scale-pods",
             "1,5",
-            "--out",
-        ])
-        .arg(&out.0)
-        .output()
-        .expect("sluice-bench runs");
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "sluice-bench failed:\n{stderr}");
+        ],
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.0.join("report.json")).unwrap()).unwrap();
     for path in ["direct", "l4", "l7"] {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-
 use clap::{Parser, Subcommand, ValueEnum};
 use node_agent::orig_dst::{Chain, SoOriginalDst};
 use node_agent::{AgentConfig, CaSource};

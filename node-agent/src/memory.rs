@@ -1,8 +1,8 @@
 //! Giving memory back once connections are gone. glibc's malloc keeps what
 //! a burst of connections freed inside its arenas: after 10 000 tunnels
 //! close, the agent would stay at the size it had while holding them. When
-//! the number of open connections has fallen by half (and by many) since
-//! the last look, the agent asks malloc to return its free pages
+//! the number of open connections has fallen to half its peak (and by
+//! many) since the last trim, the agent asks malloc to return its free pages
 //! (`malloc_trim`). Steady traffic never triggers it.
 
 use std::sync::Arc;

@@ -188,6 +188,25 @@ fn flamegraph(data: &Path, svg: &Path, title: &str) -> Result<String, String> {
     Ok(folded)
 }
 
+/// Run `load` with one `perf` (arguments from `args`) attached to each of
+/// `components`; returns what `load` returned once every perf has written
+/// its output.
+fn under_perf(
+    components: &[Component<'_>],
+    load: &mut impl FnMut() -> u64,
+    args: impl Fn(&Component) -> Vec<String>,
+) -> Result<u64, String> {
+    let perfs = components
+        .iter()
+        .map(|c| spawn(&args(c)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let loaded = load();
+    for p in perfs {
+        finish(p)?;
+    }
+    Ok(loaded)
+}
+
 /// Profile `components` while `load` runs the path's traffic twice (once
 /// counted, once sampled); files go to `out` named after `path`.
 pub fn profile_path(
@@ -200,48 +219,34 @@ pub fn profile_path(
     let slug = |c: &Component| c.name.replace(' ', "-");
     // Counters.
     let stat_file = |c: &Component| out.join(format!("profile-{path}-{}.stat", slug(c)));
-    let stats = components
-        .iter()
-        .map(|c| {
-            spawn(&[
-                "stat".into(),
-                "-x,".into(),
-                "-e".into(),
-                EVENTS.into(),
-                "-p".into(),
-                c.pid.to_string(),
-                "-o".into(),
-                stat_file(c).display().to_string(),
-            ])
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let requests = load();
-    for s in stats {
-        finish(s)?;
-    }
+    let requests = under_perf(components, &mut load, |c| {
+        vec![
+            "stat".into(),
+            "-x,".into(),
+            "-e".into(),
+            EVENTS.into(),
+            "-p".into(),
+            c.pid.to_string(),
+            "-o".into(),
+            stat_file(c).display().to_string(),
+        ]
+    })?;
     // Samples.
     let data_file = |c: &Component| out.join(format!("profile-{path}-{}.data", slug(c)));
-    let records = components
-        .iter()
-        .map(|c| {
-            spawn(&[
-                "record".into(),
-                "-q".into(),
-                "-F".into(),
-                "499".into(),
-                "--call-graph".into(),
-                "dwarf,16384".into(),
-                "-p".into(),
-                c.pid.to_string(),
-                "-o".into(),
-                data_file(c).display().to_string(),
-            ])
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    load();
-    for r in records {
-        finish(r)?;
-    }
+    under_perf(components, &mut load, |c| {
+        vec![
+            "record".into(),
+            "-q".into(),
+            "-F".into(),
+            "499".into(),
+            "--call-graph".into(),
+            "dwarf,16384".into(),
+            "-p".into(),
+            c.pid.to_string(),
+            "-o".into(),
+            data_file(c).display().to_string(),
+        ]
+    })?;
     let mut rows = vec![];
     for c in components {
         let counters = std::fs::read_to_string(stat_file(c))
